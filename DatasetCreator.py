@@ -1,0 +1,413 @@
+"""DatasetCreator.py - step 1 of 4: image pairs -> patch pairs with their target matrices, in shards.
+
+Pairs come from two kinds of source (either or both):
+    --fire DIR    a FIRE-layout folder: each pair's affine is fitted (least squares) to its control
+                  points, its residual reported; pairs whose translation exceeds MAX_TRANSLATION
+                  (fraction of the image side, the prototype's 220 px at 1024) are skipped.
+    --photos DIR  single photographs (and skimage.data.retina() when --retina true): each makes
+                  PAIRS_PER_PHOTO pairs by synthetic motion, a known random affine plus a small
+                  smooth distortion, seen through one circular aperture, with photometric change
+                  (exposure, colour, illumination, blur, noise, JPEG) on both images.
+
+--write-sample DIR writes SAMPLE_PAIRS such synthetic pairs as a FIRE-layout folder instead (how
+data/sample was made: ``python DatasetCreator.py --write-sample data/sample``).
+
+From each pair, SAMPLES_PER_PAIR patch pairs of PATCH_SIZE px are cut at the SAME place of the
+fixed and moving views, the way Network.NetRegistrar will see them:
+    coarse samples: both whole images as PATCH_SIZE squares (Network.square_view); the moving one
+        either as it is (the first look, large motion: sample 0 of every pair) or pre-warped by a
+        random estimate, far from or near the truth (what later iterations see);
+    fine samples: views of FINE_SIZE_MIN..FINE_SIZE_MAX px, the moving one pre-warped close to the
+        fixed one, patches inside the fixed field of view (rejecting any that reaches outside).
+Each target is ``fixedpatch_from_movingpatch`` in normalised patch coordinates (Network.py).
+
+Output (OUT): shards ``<split>-NNNN-x.npy`` (N, P, P, 2) uint8 [fixed, moving] and
+``<split>-NNNN-y.npy`` (N, 2, 3) float32, plus ``manifest.json``. Train/validation split is by
+source photograph / pair, never one pair on both sides. Each shard is written under a temporary
+name then renamed, and listed in the manifest only once complete: rerunning skips finished shards.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from common import (
+    InputError,
+    cli,
+    exit_on_input_error,
+    fit_affine,
+    fov_mask,
+    local_from_global,
+    norm_from_pixels,
+    read_fire,
+    read_image,
+    to3x3,
+    translation,
+    write_atomic,
+    write_json,
+)
+from Network import square_view
+
+FIRE = ""  # FIRE-layout folder of real pairs ("" = none)
+PHOTOS = ""  # folder of single photographs for synthetic motion ("" = none)
+RETINA = True  # also use skimage.data.retina() as a photograph
+OUT = "data/patches"
+PATCH_SIZE = 128  # = the network's INPUT_SIZE
+SYNTH_SIZE = 768  # side of synthetic pairs (px)
+PAIRS_PER_PHOTO = 96
+SAMPLES_PER_PAIR = 12
+PAIRS_PER_SHARD = 64
+VAL_FRACTION = 0.15  # share of photographs / FIRE pairs held out for validation
+SEED = 0
+MAX_TRANSLATION = 0.215  # FIRE pairs moving more than this fraction of the side are skipped
+COARSE_SHARE = 0.5  # share of whole-image (coarse) samples; the rest are fine patches
+LARGE_SHARE = 0.5  # share of later coarse samples pre-warped by a full-range wrong estimate
+FINE_SIZE_MIN = 256
+FINE_SIZE_MAX = 512
+WRITE_SAMPLE = ""  # if set: write SAMPLE_PAIRS synthetic FIRE-layout pairs here, no shards
+SAMPLE_PAIRS = 6
+REJECT_BLACK_PIXELS = 10  # a fine patch with more black (out-of-FOV) pixels is rejected
+# Synthetic motion (fixed_from_moving about the image centre) and residuals (in patch units)
+MAX_ROTATION_DEG = 15.0
+MAX_SCALE = 0.15  # scale in [1 - MAX_SCALE, 1 + MAX_SCALE]
+MAX_SHEAR = 0.03
+MAX_SHIFT = 0.2  # translation of the centre, fraction of the side
+DISTORTION_PX = 1.5  # amplitude of the smooth non-affine distortion at SYNTH_SIZE
+RESIDUAL_SHIFT = 0.06  # fraction of the patch side
+RESIDUAL_ROTATION_DEG = 3.0
+RESIDUAL_SCALE = 0.03
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources of pairs
+
+
+def random_affine(rng, centre, rotation_deg, scale, shear, shift):
+    """Random ``fixed_from_moving`` (3x3): rotation, scale, shear and shift about ``centre``."""
+    angle = np.radians(rng.uniform(-rotation_deg, rotation_deg))
+    s = np.exp(rng.uniform(np.log(1 - scale), np.log(1 + scale)))
+    aniso = 1 + rng.uniform(-shear, shear)
+    c, si = np.cos(angle), np.sin(angle)
+    linear = np.array([[c, -si], [si, c]]) @ np.array(
+        [[s * aniso, rng.uniform(-shear, shear)], [0, s / aniso]]
+    )
+    radius = shift * rng.uniform(0, 1) ** 0.5
+    direction = rng.uniform(0, 2 * np.pi)
+    m = np.eye(3)
+    m[:2, :2] = linear
+    return (
+        translation(*(np.array(centre) + radius * np.array([np.cos(direction), np.sin(direction)])))
+        @ m
+        @ translation(-centre[0], -centre[1])
+    )
+
+
+def photometric(rng, bgr):
+    """Exposure, colour, illumination gradient, blur, noise and JPEG, as follow-up visits differ."""
+    img = bgr.astype(np.float32) / 255.0
+    img = img ** rng.uniform(0.6, 1.6) * rng.uniform(0.6, 1.4, size=3)  # gamma, colour gains
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w) - 0.5
+    gx, gy = rng.uniform(-0.8, 0.8, 2)
+    img *= np.clip(1 + gx * xx + gy * yy, 0.3, 2)[..., None]  # uneven illumination
+    img = np.clip(img * 255, 0, 255)
+    sigma = rng.uniform(0, 1.5)
+    if sigma > 0.3:
+        img = cv2.GaussianBlur(img, (0, 0), sigma)
+    img = np.clip(img + rng.normal(0, rng.uniform(0, 6), img.shape), 0, 255).astype(np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.uniform(40, 95))])
+    return cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+
+
+def synthetic_pair(rng, bgr, args, motion=1.0):
+    """(fixed, moving, fixed_from_moving 3x3, maps) from one colour photograph: colour images of
+    SYNTH_SIZE px; ``maps[y, x]`` is the fixed-image point of moving pixel (x, y) (the affine plus
+    the distortion). ``motion`` scales the ranges of rotation, scale, shear and shift."""
+    size = args.SYNTH_SIZE
+    side = max(bgr.shape[:2])
+    top, left = (side - bgr.shape[0]) // 2, (side - bgr.shape[1]) // 2
+    square = cv2.copyMakeBorder(
+        bgr, top, side - bgr.shape[0] - top, left, side - bgr.shape[1] - left, cv2.BORDER_CONSTANT
+    )
+    photo = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    centre = ((size - 1) / 2, (size - 1) / 2)
+    ranges = np.array(
+        [args.MAX_ROTATION_DEG, args.MAX_SCALE, args.MAX_SHEAR, args.MAX_SHIFT * size]
+    )
+    a = random_affine(rng, centre, *(motion * ranges))
+    # moving(p) = photo(A p + d(p)): the same retina seen after the motion, slightly distorted
+    grid = np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1).astype(np.float32)
+    maps = grid @ a[:2, :2].T.astype(np.float32) + a[:2, 2].astype(np.float32)
+    field = cv2.resize(
+        rng.normal(0, 1, (4, 4, 2)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
+    maps += args.DISTORTION_PX * field / 2
+    moving = cv2.remap(photo, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR)
+    aperture = np.zeros((size, size), np.uint8)
+    cv2.circle(aperture, (size // 2, size // 2), int(size * rng.uniform(0.42, 0.49)), 255, -1)
+    fixed, moving = photometric(rng, photo), photometric(rng, moving)
+    aperture = aperture[..., None]
+    return fixed & aperture, moving & aperture, a, maps
+
+
+def load_photos(args):
+    """[(name, colour image)] of the photographs; unreadable ones are reported, not fatal."""
+    photos, failed = [], []
+    if args.RETINA:
+        from skimage.data import retina
+
+        photos.append(("skimage-retina", cv2.cvtColor(retina(), cv2.COLOR_RGB2BGR)))
+    if args.PHOTOS:
+        folder = Path(args.PHOTOS)
+        if not folder.is_dir():
+            raise InputError(folder, "photo folder not found")
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            try:
+                # the same checks as everywhere: empty, truncated, tiny, black...
+                height, width = read_image(path).file_shape
+                factor = 1  # decode large photos reduced (bounded memory), still >= SYNTH_SIZE
+                while max(height, width) / (factor * 2) >= args.SYNTH_SIZE and factor < 8:
+                    factor *= 2
+                flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
+                flags.update({4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8})
+                img = cv2.imread(str(path), flags[factor])
+                if img is None:
+                    raise InputError(path, "cannot decode the image")
+                photos.append((path.name, img))
+            except InputError as e:
+                failed.append({"source": str(path), "reason": e.problem})
+    return photos, failed
+
+
+def load_fire(args):
+    """[(name, fixed grey, moving grey, fixed_from_moving 3x3)] of usable FIRE pairs."""
+    pairs, failed = [], []
+    if not args.FIRE:
+        return pairs, failed
+    for item in read_fire(args.FIRE):
+        try:
+            if item.problem:
+                raise InputError(item.pair, item.problem)
+            fixed, moving = read_image(item.fixed), read_image(item.moving)
+            try:
+                a, residual = fit_affine(item.points[:, 2:4], item.points[:, 0:2])
+            except ValueError as e:  # e.g. collinear points: name the file
+                gt = Path(args.FIRE) / "Ground Truth" / f"control_points_{item.pair}_1_2.txt"
+                raise InputError(gt, str(e)) from None
+            shift = np.hypot(*a[:, 2]) / max(fixed.file_shape)
+            print(
+                f"{item.pair}: affine residual {residual.mean():.2f} px (max {residual.max():.2f}), translation {shift:.1%} of the side"
+            )
+            if shift > args.MAX_TRANSLATION:
+                raise InputError(
+                    item.pair, f"translation {shift:.1%} of the side exceeds MAX_TRANSLATION"
+                )
+            a = fixed.decoded_from_file @ to3x3(a) @ np.linalg.inv(moving.decoded_from_file)
+            pairs.append((item.pair, fixed.pixels, moving.pixels, a))
+        except InputError as e:
+            failed.append({"source": item.pair, "reason": str(e)})
+    return pairs, failed
+
+
+def write_fire_folder(photos, args):
+    """Write SAMPLE_PAIRS synthetic pairs as a FIRE-layout folder (categories S, P, A in turn:
+    small motion, large motion, small motion with strongest appearance change) with 10 control
+    points each, taken through the true motion including its distortion."""
+    root = Path(args.WRITE_SAMPLE)
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    (root / "Ground Truth").mkdir(parents=True, exist_ok=True)
+    for k in range(args.SAMPLE_PAIRS):
+        category = "SPA"[k % 3]
+        rng = np.random.default_rng([args.SEED, 10_000 + k])
+        name, bgr = photos[k % len(photos)]
+        fixed, moving, _, maps = synthetic_pair(
+            rng, bgr, args, motion=1.0 if category == "P" else 0.35
+        )
+        if category == "A":
+            moving = photometric(rng, moving)  # a second, compounding appearance change
+        size = fixed.shape[0]
+        # control points: moving pixels inside both apertures, mapped to the fixed image
+        points = []
+        while len(points) < 10:
+            x, y = rng.integers(size // 6, size - size // 6, 2)
+            fx, fy = maps[y, x]
+            if fixed[int(fy) % size, int(fx) % size, 1] > 10 and moving[y, x, 1] > 10:
+                points.append((fx, fy, x, y))
+        pair = f"{category}{k // 3 + 1:02d}"
+        for index, img in ((1, fixed), (2, moving)):
+            ok, data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            write_atomic(root / "Images" / f"{pair}_{index}.jpg", data.tobytes())
+        lines = "".join(f"{fx:.2f} {fy:.2f} {x:.2f} {y:.2f}\n" for fx, fy, x, y in points)
+        write_atomic(root / "Ground Truth" / f"control_points_{pair}_1_2.txt", lines)
+    print(f"{root}: {args.SAMPLE_PAIRS} FIRE-layout pairs from {', '.join(n for n, _ in photos)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch sampling
+
+
+def sample_patches(rng, fixed, moving, fixed_from_moving, args):
+    """SAMPLES_PER_PAIR (x (P, P, 2) uint8, y (2, 3) float32) from one pair.
+
+    Sample 0 is the coarse first look (whole views, moving as it is); the others are coarse views
+    whose moving view is pre-warped by an estimate that is either far from the truth (full-range
+    error, LARGE_SHARE of coarse samples) or near it, or fine patches pre-warped near the truth."""
+    p = args.PATCH_SIZE
+    norm = norm_from_pixels(p)
+    views = {}  # size -> (fixed view, moving view, truth, fixed FOV mask)
+    xs, ys = [], []
+    for attempt in range(100 * args.SAMPLES_PER_PAIR):
+        if len(xs) == args.SAMPLES_PER_PAIR:
+            break
+        coarse = attempt == 0 or rng.uniform() < args.COARSE_SHARE
+        size = (
+            p
+            if coarse
+            else 32 * int(rng.integers(args.FINE_SIZE_MIN // 32, args.FINE_SIZE_MAX // 32 + 1))
+        )
+        if size not in views:
+            fixed_view, view_from_fixed = square_view(fixed, size)
+            moving_view, view_from_moving = square_view(moving, size)
+            truth = view_from_fixed @ fixed_from_moving @ np.linalg.inv(view_from_moving)
+            views[size] = (fixed_view, moving_view, truth, fov_mask(fixed_view))
+        fixed_view, moving_view, truth, mask = views[size]
+        c = ((size - 1) / 2, (size - 1) / 2)
+        if attempt == 0:
+            error = truth  # the moving view as it is: estimate = identity
+        elif coarse and rng.uniform() < args.LARGE_SHARE:
+            error = random_affine(
+                rng, c, args.MAX_ROTATION_DEG, args.MAX_SCALE, args.MAX_SHEAR, args.MAX_SHIFT * size
+            )
+        else:
+            error = random_affine(
+                rng,
+                c,
+                args.RESIDUAL_ROTATION_DEG,
+                args.RESIDUAL_SCALE,
+                0.005,
+                args.RESIDUAL_SHIFT * p,
+            )
+        # the moving view is warped by `estimate`; the target is fixedview_from_warped = error
+        estimate = np.linalg.inv(error) @ truth
+        warped = cv2.warpAffine(moving_view, estimate[:2], (size, size))
+        left = top = 0
+        if not coarse:
+            left, top = (int(v) for v in rng.integers(0, size - p + 1, 2))
+            if (
+                np.count_nonzero(mask[top : top + p, left : left + p] == 0)
+                > args.REJECT_BLACK_PIXELS
+            ):
+                continue
+        local = to3x3(local_from_global(error, left, top))
+        patches = [
+            fixed_view[top : top + p, left : left + p],
+            warped[top : top + p, left : left + p],
+        ]
+        xs.append(np.stack(patches, -1))
+        ys.append((norm @ local @ np.linalg.inv(norm))[:2].astype(np.float32))
+    return xs, ys
+
+
+def write_shard(out, name, xs, ys):
+    """Write a shard's two arrays under temporary names, then rename (never half a shard).
+
+    Any older x is removed first and the new x is renamed last, so an ``-x.npy`` on disk always
+    has its matching ``-y.npy`` from the same write, whenever the process is killed."""
+    paths = {suffix: out / f"{name}-{suffix}.npy" for suffix in ("x", "y")}
+    for suffix in ("x", "y"):
+        paths[suffix].unlink(missing_ok=True)
+    for suffix, array in (("y", np.stack(ys)), ("x", np.stack(xs))):
+        tmp = out / f"{name}-{suffix}.npy.part"
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        tmp.replace(paths[suffix])
+
+
+def config_key(args):
+    settings = {k: v for k, v in vars(args).items() if k != "OUT"}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def main(args):
+    photos, failed_photos = load_photos(args)
+    if args.WRITE_SAMPLE:
+        if not photos:
+            raise InputError(args.PHOTOS or "--retina", "no usable photographs for the sample")
+        return write_fire_folder(photos, args)
+    out = Path(args.OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    fire_pairs, failed_fire = load_fire(args)
+    if not photos and not fire_pairs:
+        raise InputError(
+            args.PHOTOS or args.FIRE or "sources",
+            "no usable photographs or pairs (see --photos, --fire, --retina)",
+        )
+    order = np.random.default_rng(args.SEED).permutation(len(photos) + len(fire_pairs))
+    n_val = max(1, round(args.VAL_FRACTION * len(order))) if len(order) > 1 else 0
+    split = {int(i): ("val" if rank < n_val else "train") for rank, i in enumerate(order)}
+    # One unit = one pair: (source index, pair number); a shard holds PAIRS_PER_SHARD units of one split.
+    units = {"train": [], "val": []}
+    for i in range(len(photos) + len(fire_pairs)):
+        count = args.PAIRS_PER_PHOTO if i < len(photos) else 1
+        units[split[i]] += [(i, j) for j in range(count)]
+    manifest_path = out / "manifest.json"
+    key = config_key(args)
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if manifest.get("config_key") != key:
+        manifest = {"config_key": key, "shards": []}
+    manifest.update(
+        config=vars(args),
+        patch_size=args.PATCH_SIZE,
+        failed=failed_photos + failed_fire,
+        target_convention="fixedpatch_from_movingpatch, 2x3, normalised patch coordinates [-1, 1] (Network.py)",
+        sources=[name for name, _ in photos] + [p[0] for p in fire_pairs],
+        validation_sources=[
+            ([n for n, _ in photos] + [p[0] for p in fire_pairs])[i]
+            for i in range(len(order))
+            if split[i] == "val"
+        ],
+    )
+    write_json(manifest_path, manifest)  # before any shard: never an old manifest over new shards
+    done = {s["name"] for s in manifest["shards"] if (out / f"{s['name']}-x.npy").exists()}
+    jobs = [
+        (s, k, units[s][k : k + args.PAIRS_PER_SHARD])
+        for s in ("train", "val")
+        for k in range(0, len(units[s]), args.PAIRS_PER_SHARD)
+    ]
+    for failure in manifest["failed"]:
+        print(f"warning: skipped {failure['source']}: {failure['reason']}")
+    for s, k, chunk in tqdm(jobs, desc="shards", unit="shard"):
+        name = f"{s}-{k // args.PAIRS_PER_SHARD:04d}"
+        if name in done:
+            continue
+        xs, ys = [], []
+        for i, j in chunk:
+            rng = np.random.default_rng([args.SEED, i, j])
+            if i < len(photos):
+                fixed, moving, a, _ = synthetic_pair(rng, photos[i][1], args)
+                fixed, moving = fixed[:, :, 1], moving[:, :, 1]  # green, as common.to_grey
+            else:
+                _, fixed, moving, a = fire_pairs[i - len(photos)]
+            x, y = sample_patches(rng, fixed, moving, a, args)
+            xs += x
+            ys += y
+        write_shard(out, name, xs, ys)
+        manifest["shards"] = [sh for sh in manifest["shards"] if sh["name"] != name] + [
+            {"name": name, "split": s, "count": len(xs)}
+        ]
+        write_json(manifest_path, manifest)
+    counts = {
+        s: sum(sh["count"] for sh in manifest["shards"] if sh["split"] == s)
+        for s in ("train", "val")
+    }
+    print(
+        f"{out}: {counts['train']} training and {counts['val']} validation patch pairs in {len(manifest['shards'])} shards"
+    )
+
+
+if __name__ == "__main__":
+    exit_on_input_error(lambda: main(cli(globals(), __doc__)))

@@ -1,0 +1,431 @@
+"""Network.py - step 2 of 4: the registration network, and how it registers a pair of images.
+
+The network is the prototype's STN-like localisation network made light: a convolutional encoder
+over the fixed and moving patches stacked as two channels, then three PARALLEL fully connected
+heads, translation (a02, a12), scale (a00, a11) and rotation (a01, a10), whose last layers start
+at the identity transform. A fourth output, ``matrix``, assembles the heads into the 2x3 matrix.
+
+Convention of the network's output:
+    ``matrix`` is ``fixedpatch_from_movingpatch`` in NORMALISED patch coordinates: (x, y) of a
+    pixel centre mapped to [-1, 1] by ``common.norm_from_pixels(size)`` (so identity is
+    [[1, 0, 0], [0, 1, 0]] whatever the patch size, and translation is in half-patch units).
+    ``NetRegistrar`` turns it into ``fixed_from_moving`` in the caller's file pixels.
+
+How a pair is registered (``NetRegistrar.register``), coarse to fine:
+    1. coarse: both whole images, padded square and resized to INPUT_SIZE, CLAHE; the network
+       predicts the motion; the moving view is re-warped by the estimate and the network
+       predicts the residual, COARSE_ITERATIONS times (iterative refinement).
+    2. fine: both images at FINE_SIZE px, the moving one warped by the coarse estimate; up to
+       FINE_PATCHES patches inside the fixed field of view each predict a local residual; each is
+       taken back to full-image coordinates (the prototype's ``t_global`` formula) and ONE affine
+       is fitted, robustly, to the points the patches move (least median of squares).
+    3. confidence: normalised cross-correlation of fixed and warped moving images in the fixed
+       field of view at the fine size (a misregistered pair correlates poorly).
+
+Run ``python Network.py`` to print the default network's parameter count and CPU time per patch.
+"""
+
+import time
+
+import cv2
+import keras
+import numpy as np
+
+from common import (
+    Registration,
+    cli,
+    exit_on_input_error,
+    fov_mask,
+    norm_from_pixels,
+    scale_matrix,
+    to3x3,
+    translation,
+)
+
+# Architecture (the defaults of build_network)
+INPUT_SIZE = 128  # patch side in pixels
+WIDTHS = "16,24,32,48,64"  # channels of the encoder's stride-2 stages (comma separated)
+HEAD_WIDTH = 128  # units of each head's two hidden layers
+DROPOUT = 0.2
+CORRELATION_RADIUS = 0  # 0: stacked patches (prototype); r > 0: siamese encoder + cost volume
+# Registration procedure (the defaults of NetRegistrar)
+COARSE_ITERATIONS = 3
+FINE_SIZE = 384  # 0 = coarse only
+FINE_PATCHES = 9
+FINE_ITERATIONS = 1
+REFINE = "net"  # fine stage: net (the network on patches) or phase (phase correlation)
+AGGREGATE = "lmeds"  # how patch estimates combine: lmeds (robust fit) or mean (the prototype's)
+THREADS = 2
+# `python Network.py`: time this many patches
+TIME_PATCHES = 200
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+
+@keras.saving.register_keras_serializable(package="fundusreg")
+class AffineFromHeads(keras.layers.Layer):
+    """(translation, scale, rotation), each (B, 2), -> (B, 2, 3) matrix [[a00, a01, a02], [a10, ...]]."""
+
+    def call(self, translation, scale, rotation):
+        ops = keras.ops
+        row0 = ops.stack([scale[:, 0], rotation[:, 0], translation[:, 0]], axis=-1)
+        row1 = ops.stack([rotation[:, 1], scale[:, 1], translation[:, 1]], axis=-1)
+        return ops.stack([row0, row1], axis=1)
+
+
+@keras.saving.register_keras_serializable(package="fundusreg")
+class CornerLoss(keras.losses.Loss):
+    """Mean displacement of the 4 patch corners between the true and the predicted normalised
+    matrices, in pixels of a patch of side ``2 * half_size``: what registration cares about."""
+
+    def __init__(self, half_size=INPUT_SIZE / 2, name="corner_px", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.half_size = float(half_size)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        corners = ops.convert_to_tensor(
+            [[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+        )
+        diff = ops.einsum(
+            "bij,kj->bki", ops.cast(y_pred, "float32") - ops.cast(y_true, "float32"), corners
+        )
+        return (
+            ops.mean(ops.sqrt(ops.sum(ops.square(diff), axis=-1) + 1e-12), axis=-1) * self.half_size
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "half_size": self.half_size}
+
+
+def _head(features, name, bias, head_width, dropout):
+    x = keras.layers.Dense(head_width, activation="relu", name=f"{name}_fc1")(features)
+    x = keras.layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    x = keras.layers.Dense(head_width, activation="relu", name=f"{name}_fc2")(x)
+    return keras.layers.Dense(
+        2,
+        name=name,
+        kernel_initializer="zeros",  # identity transform at the start (the prototype's init)
+        bias_initializer=keras.initializers.Constant(bias),
+    )(x)
+
+
+@keras.saving.register_keras_serializable(package="fundusreg")
+class TakeChannel(keras.layers.Layer):
+    """(B, H, W, C) -> (B, H, W, 1): one channel (the fixed or the moving patch)."""
+
+    def __init__(self, index, **kwargs):
+        super().__init__(**kwargs)
+        self.index = int(index)
+
+    def call(self, x):
+        return x[..., self.index : self.index + 1]
+
+    def get_config(self):
+        return {**super().get_config(), "index": self.index}
+
+
+@keras.saving.register_keras_serializable(package="fundusreg")
+class Correlation(keras.layers.Layer):
+    """Cost volume: for every displacement (dx, dy) in [-radius, radius]^2, the mean over channels
+    of fixed(x, y) * moving(x + dx, y + dy); (B, H, W, C) x2 -> (B, H, W, (2 radius + 1)^2)."""
+
+    def __init__(self, radius, **kwargs):
+        super().__init__(**kwargs)
+        self.radius = int(radius)
+
+    def call(self, fixed, moving):
+        ops, r = keras.ops, self.radius
+        h, w = fixed.shape[1], fixed.shape[2]
+        padded = ops.pad(moving, [[0, 0], [r, r], [r, r], [0, 0]])
+        costs = [
+            ops.mean(fixed * padded[:, r + dy : r + dy + h, r + dx : r + dx + w, :], axis=-1)
+            for dy in range(-r, r + 1)
+            for dx in range(-r, r + 1)
+        ]
+        return ops.stack(costs, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "radius": self.radius}
+
+
+def _stage(x, width, name):
+    """Conv 3x3 stride 2, then conv 3x3 stride 1, each with BatchNorm and ReLU."""
+    for stride in (2, 1):
+        x = keras.layers.Conv2D(width, 3, stride, "same", use_bias=False, name=f"{name}_{stride}")(
+            x
+        )
+        x = keras.layers.BatchNormalization(name=f"{name}_bn{stride}")(x)
+        x = keras.layers.ReLU(name=f"{name}_relu{stride}")(x)
+    return x
+
+
+def build_network(
+    input_size=INPUT_SIZE,
+    widths=WIDTHS,
+    head_width=HEAD_WIDTH,
+    dropout=DROPOUT,
+    correlation=CORRELATION_RADIUS,
+):
+    """Keras model: (B, input_size, input_size, 2) uint8-range floats (fixed, moving) -> dict of
+    ``translation``, ``scale``, ``rotation`` (B, 2) and ``matrix`` (B, 2, 3), normalised coords.
+
+    correlation = 0: the prototype's early fusion, one encoder over the two stacked patches.
+    correlation = r > 0: one shared (siamese) encoder of the first three stages over each patch,
+    a cost volume of displacements up to r feature cells (r * 8 px), then the other stages."""
+    widths = [int(w) for w in str(widths).split(",")]
+    inputs = keras.Input((input_size, input_size, 2), name="fixed_moving")
+    x = keras.layers.Rescaling(1 / 255.0, name="to_unit")(inputs)
+    stages = list(enumerate(widths))
+    if correlation:
+        single = keras.Input((input_size, input_size, 1), name="patch")
+        f = single
+        for i, width in stages[:3]:
+            f = _stage(f, width, f"siamese{i}")
+        f = keras.layers.UnitNormalization(axis=-1, name="unit_features")(f)
+        encoder = keras.Model(single, f, name="siamese_encoder")
+        fixed = encoder(TakeChannel(0, name="fixed")(x))
+        moving = encoder(TakeChannel(1, name="moving")(x))
+        x = Correlation(correlation, name="correlation")(fixed, moving)
+        stages = stages[3:]
+    for i, width in stages:
+        x = _stage(x, width, f"conv{i}")
+    features = keras.layers.Flatten(name="flatten")(x)
+    heads = {
+        "translation": _head(features, "translation", [0.0, 0.0], head_width, dropout),
+        "scale": _head(features, "scale", [1.0, 1.0], head_width, dropout),
+        "rotation": _head(features, "rotation", [0.0, 0.0], head_width, dropout),
+    }
+    matrix = AffineFromHeads(name="matrix")(heads["translation"], heads["scale"], heads["rotation"])
+    return keras.Model(inputs, {**heads, "matrix": matrix}, name="fundusreg")
+
+
+def load_network(path):
+    """Load a ``.keras`` model in safe mode (no pickled code); a clear error if it is not one."""
+    import zipfile
+    from pathlib import Path
+
+    from common import InputError
+
+    if not str(path).endswith(".keras"):
+        raise InputError(path, "not a .keras model file")
+    if not Path(path).is_file():
+        raise InputError(path, "model file not found")
+    if not zipfile.is_zipfile(path):  # e.g. an HDF5 or pickle file renamed, or a truncated one
+        raise InputError(path, "not a Keras model archive (.keras files are zip archives)")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types for a bad archive
+        raise InputError(path, f"cannot load the model ({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing shared by training data and registration
+
+
+_CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+
+
+def square_view(grey, size):
+    """Pad a grey image to a centred square and resize it to size x size, then CLAHE.
+
+    Returns (view uint8, view_from_image 3x3)."""
+    h, w = grey.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded = cv2.copyMakeBorder(
+        grey, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT
+    )
+    view = cv2.resize(padded, (size, size), interpolation=cv2.INTER_AREA)
+    return _CLAHE.apply(view), scale_matrix(size / side) @ translation(left, top)
+
+
+def pixels_from_norm(size):
+    return np.linalg.inv(norm_from_pixels(size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration with a trained network
+
+
+class NetRegistrar:
+    """Registers pairs with a trained network, coarse to fine (see the module docstring)."""
+
+    def __init__(
+        self,
+        model,
+        coarse_iterations=COARSE_ITERATIONS,
+        fine_size=FINE_SIZE,
+        fine_patches=FINE_PATCHES,
+        fine_iterations=FINE_ITERATIONS,
+        aggregate=AGGREGATE,
+        refine=REFINE,
+    ):
+        import tensorflow as tf
+
+        if aggregate not in ("lmeds", "mean"):
+            raise ValueError(f"aggregate must be lmeds or mean, not {aggregate!r}")
+        if refine not in ("net", "phase"):
+            raise ValueError(f"refine must be net or phase, not {refine!r}")
+        self.model = model
+        self.size = int(model.input_shape[1])
+        self.coarse_iterations, self.fine_size = coarse_iterations, fine_size
+        self.fine_patches, self.fine_iterations = fine_patches, fine_iterations
+        self.aggregate, self.refine = aggregate, refine
+        spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
+        self._predict = tf.function(
+            lambda x: model(x, training=False)["matrix"], input_signature=[spec]
+        )
+        self._window = cv2.createHanningWindow((self.size, self.size), cv2.CV_32F)
+        for batch in (1, self.fine_patches):  # warm up: trace the graph for both batch sizes
+            self._predict(np.zeros((batch, self.size, self.size, 2), np.float32))
+
+    def predict(self, fixed_patches, moving_patches):
+        """(K, P, P) uint8 pairs -> (K, 3, 3) ``fixedpatch_from_movingpatch`` in patch pixels."""
+        x = np.stack([fixed_patches, moving_patches], axis=-1).astype(np.float32)
+        norm = np.asarray(self._predict(x), np.float64)
+        n = norm_from_pixels(self.size)
+        return np.linalg.inv(n) @ np.stack([to3x3(m) for m in norm]) @ n
+
+    def phase(self, fixed_patches, moving_patches):
+        """Closed-form alternative to ``predict`` for small residuals: each patch's translation by
+        phase correlation (OpenCV, sub-pixel), as a (K, 3, 3) ``fixedpatch_from_movingpatch``."""
+        local = np.tile(np.eye(3), (len(fixed_patches), 1, 1))
+        for k, (f, m) in enumerate(zip(fixed_patches, moving_patches)):
+            (dx, dy), _ = cv2.phaseCorrelate(np.float32(f), np.float32(m), self._window)
+            local[k, :2, 2] = -dx, -dy  # m is f shifted by (dx, dy)
+        return local
+
+    def register(self, fixed, moving):
+        """GreyImage pair -> Registration with ``fixed_from_moving`` in file pixels."""
+        fixed_view, view_from_fixed = square_view(fixed.pixels, self.size)
+        moving_view, view_from_moving = square_view(moving.pixels, self.size)
+        a = np.eye(3)  # fixedview_from_movingview, refined in place
+        for _ in range(self.coarse_iterations):
+            warped = cv2.warpAffine(moving_view, a[:2], (self.size, self.size))
+            a = self.predict(fixed_view[None], warped[None])[0] @ a
+        if self.fine_size:
+            ratio = scale_matrix(self.fine_size / self.size)
+            a = ratio @ a @ np.linalg.inv(ratio)
+            fixed_view, view_from_fixed = square_view(fixed.pixels, self.fine_size)
+            moving_view, view_from_moving = square_view(moving.pixels, self.fine_size)
+        a, confidence = self._fine(fixed_view, moving_view, a)
+        file_from_fixed = np.linalg.inv(view_from_fixed @ fixed.decoded_from_file)
+        matrix = file_from_fixed @ a @ view_from_moving @ moving.decoded_from_file
+        if not np.all(np.isfinite(matrix)):
+            return Registration(None, 0.0, "network returned a non-finite matrix")
+        return Registration(matrix[:2], confidence)
+
+    def _fine(self, fixed_view, moving_view, a):
+        """Refine ``a`` (fixedview_from_movingview) with patches inside the fixed field of view;
+        returns it and the confidence of the final alignment."""
+        side, p = fixed_view.shape[0], self.size
+        mask = fov_mask(fixed_view)
+        corners = _patch_corners(mask, p, self.fine_patches) if side > p else []
+        estimate = self.predict if self.refine == "net" else self.phase
+        for _ in range(self.fine_iterations if corners else 0):
+            warped = cv2.warpAffine(moving_view, a[:2], (side, side))
+            fixed_patches = np.stack([fixed_view[t : t + p, l : l + p] for l, t in corners])
+            moving_patches = np.stack([warped[t : t + p, l : l + p] for l, t in corners])
+            local = estimate(fixed_patches, moving_patches)
+            a = _fit_patch_motions(local, corners, p, self.aggregate) @ a
+        warped = cv2.warpAffine(moving_view, a[:2], (side, side))
+        return a, _confidence(fixed_view, mask, warped)
+
+
+def _patch_corners(mask, size, count):
+    """Top-left corners (left, top) of up to ``count`` patches on a regular grid that lie inside
+    the field of view (all four corners and the centre of the patch in the mask)."""
+    side = mask.shape[0]
+    steps = max(2, int(np.ceil(np.sqrt(count))) + 1)
+    candidates = np.linspace(0, side - size, steps + 1).round().astype(int)
+    corners = []
+    for top in candidates:
+        for left in candidates:
+            probe = [
+                (top, left),
+                (top, left + size - 1),
+                (top + size - 1, left),
+                (top + size - 1, left + size - 1),
+                (top + size // 2, left + size // 2),
+            ]
+            if all(mask[y, x] for y, x in probe):
+                corners.append((int(left), int(top)))
+    order = np.argsort(
+        [abs(l - side / 2 + size / 2) + abs(t - side / 2 + size / 2) for l, t in corners]
+    )
+    chosen = [corners[i] for i in order[::-1][:count]]  # prefer the outermost: best leverage
+    return chosen
+
+
+def _fit_patch_motions(local, corners, size, aggregate):
+    """One residual affine (view pixels) from per-patch local matrices (patch pixels).
+
+    Each patch moves a 3x3 grid of its own points by its local matrix, taken back to view pixels
+    (``t_global = t_local + (l, t) - L (l, t)``); a least-median-of-squares affine through all
+    those point pairs ignores patches that went wrong."""
+    grid = np.stack(np.meshgrid([0, size / 2, size - 1], [0, size / 2, size - 1]), -1).reshape(
+        -1, 2
+    )
+    src, dst = [], []
+    for m, (left, top) in zip(local, corners):
+        src.append(grid + (left, top))
+        dst.append(grid @ m[:2, :2].T + m[:2, 2] + (left, top))
+    src, dst = np.concatenate(src).astype(np.float32), np.concatenate(dst).astype(np.float32)
+    fit = None
+    if aggregate == "lmeds" and len(corners) >= 3:
+        fit, _ = cv2.estimateAffine2D(src, dst, method=cv2.LMEDS)
+    if fit is None:  # the prototype's mean of the patches' full-image matrices
+        from common import global_from_local
+
+        fit = np.mean([global_from_local(m, l, t) for m, (l, t) in zip(local, corners)], axis=0)
+    return to3x3(fit)
+
+
+def _confidence(fixed, mask, warped):
+    """Normalised cross-correlation of fixed and warped moving inside the fixed FOV, in [0, 1]."""
+    inside = (mask > 0) & (warped > 0)
+    if inside.sum() < 100:
+        return 0.0
+    f = fixed[inside].astype(np.float64)
+    w = warped[inside].astype(np.float64)
+    f, w = f - f.mean(), w - w.mean()
+    denom = np.sqrt((f * f).sum() * (w * w).sum())
+    return float(max(0.0, (f * w).sum() / denom)) if denom > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(args.THREADS)
+    model = build_network(
+        args.INPUT_SIZE, args.WIDTHS, args.HEAD_WIDTH, args.DROPOUT, args.CORRELATION_RADIUS
+    )
+    print(f"parameters: {model.count_params():,}")
+    spec = tf.TensorSpec((None, args.INPUT_SIZE, args.INPUT_SIZE, 2), tf.float32)
+    predict = tf.function(lambda x: model(x, training=False)["matrix"], input_signature=[spec])
+    x = (
+        np.random.default_rng(0)
+        .uniform(0, 255, (8, args.INPUT_SIZE, args.INPUT_SIZE, 2))
+        .astype(np.float32)
+    )
+    for batch in (1, 8):
+        predict(x[:batch])
+        start = time.perf_counter()
+        calls = max(1, args.TIME_PATCHES // batch)
+        for _ in range(calls):
+            predict(x[:batch])
+        per_patch = (time.perf_counter() - start) / (calls * batch)
+        print(
+            f"CPU time per patch, batch {batch}, {args.THREADS} threads: {per_patch * 1000:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    exit_on_input_error(lambda: main(cli(globals(), __doc__)))

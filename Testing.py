@@ -1,0 +1,416 @@
+"""Testing.py - step 4 of 4: register pairs and measure them by the FIRE protocol.
+
+    python Testing.py --data DIR --method net --out OUT          # a FIRE-layout folder
+    python Testing.py --data DIR --method net,sift,orb,ecc --out OUT   # several, side by side
+    python Testing.py --fixed F.jpg --moving M.jpg --out OUT     # any one pair
+
+METHOD: ``net`` (the model MODEL), a path to a ``.keras`` model, or a classical baseline ``sift``,
+``orb``, ``ecc`` (classical.py). Every method gets the same clock: ``seconds`` runs from both
+images decoded in memory (common.read_image) to the matrix, models loaded and warmed up before,
+and the same number of CPU threads (THREADS) for OpenCV and TensorFlow.
+
+Outputs of ``--data`` (per method; in OUT/<method>/ when several are given):
+    per_pair.csv   pair, category, error_px, seconds, m00..m12, confidence, inaccurate, reason
+                   (the matrix is fixed_from_moving: moving-image pixels -> fixed-image pixels of
+                   the files as given; empty cells where registration failed). Rows are written as
+                   pairs finish; a rerun with RESUME keeps the rows already there.
+    summary.json   n_pairs, mAUC, AUC_S, AUC_P, AUC_A, median_error_px, failed, inaccurate,
+                   median_seconds, p90_seconds, threads. AUC = area under the success-rate curve
+                   (share of pairs with error <= t) for t in 0..25 px; mAUC = mean over the
+                   categories present; failed = no matrix; inaccurate = max error > 50 px or
+                   median error > 20 px; error = mean distance of the fixed control points to
+                   the moving ones mapped by the matrix, in full-resolution pixels.
+    figures/<pair>.png   fixed, moving, warped moving, overlay with the control points;
+    success_rate.png, confidence.png (confidence against error).
+With several methods, also OUT/comparison.md, OUT/comparison.csv and OUT/success_rate.png.
+Outputs of ``--fixed/--moving``: OUT/result.json, OUT/warped.png, OUT/overlay.png.
+"""
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from common import AUC_MAX_PX, InputError, cli, exit_on_input_error, fire_error, is_inaccurate
+from common import read_fire, read_image, success_auc, write_atomic, write_json
+
+DATA = "data/sample"  # FIRE-layout folder (ignored when FIXED and MOVING are given)
+FIXED = ""
+MOVING = ""
+METHOD = "net"  # comma-separated: net, a .keras path, sift, orb, ecc
+MODEL = "models/fundusreg.keras"
+OUT = "results/sample"
+THREADS = 2
+FIGURES = True  # per-pair figures (fixed / moving / warped / overlay)
+RESUME = True  # keep finished rows of an existing per_pair.csv
+COARSE_ITERATIONS = 3
+FINE_SIZE = 384
+FINE_PATCHES = 9
+FINE_ITERATIONS = 1
+REFINE = "net"  # fine stage: net (the network on patches) or phase (phase correlation)
+AGGREGATE = "lmeds"  # how patch estimates combine: lmeds (robust) or mean (the prototype's)
+
+COLUMNS = ["pair", "category", "error_px", "seconds", "m00", "m01", "m02", "m10", "m11", "m12"]
+COLUMNS += ["confidence", "inaccurate", "reason"]
+CLASSICAL = ("sift", "orb", "ecc")
+
+
+def set_threads(threads, tensorflow=True):
+    cv2.setNumThreads(threads)
+    if not tensorflow:  # classical methods only: no need to import TensorFlow (seconds)
+        return
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def make_method(name, args):
+    """name -> (label, function(fixed GreyImage, moving GreyImage) -> Registration)."""
+    if name in CLASSICAL:
+        from classical import METHODS
+
+        return name, METHODS[name]
+    if name == "net" or name.endswith(".keras"):
+        from Network import NetRegistrar, load_network
+
+        path = args.MODEL if name == "net" else name
+        registrar = NetRegistrar(
+            load_network(path),
+            args.COARSE_ITERATIONS,
+            args.FINE_SIZE,
+            args.FINE_PATCHES,
+            args.FINE_ITERATIONS,
+            args.AGGREGATE,
+            args.REFINE,
+        )
+        return ("net" if name == "net" else Path(name).stem), registrar.register
+    raise InputError(name, "unknown method (use net, a .keras model path, sift, orb or ecc)")
+
+
+def timed(register, fixed, moving):
+    start = time.perf_counter()
+    result = register(fixed, moving)
+    return result, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (files, never windows)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overlay(fixed, warped):
+    """Colour overlay: fixed in magenta, warped moving in green (grey where they agree)."""
+    return np.dstack([fixed, warped, fixed])
+
+
+def warp_to_fixed(fixed, moving, fixed_from_moving):
+    """The moving image laid over the fixed one, both as decoded (GreyImage) pixels."""
+    a = fixed.decoded_from_file @ np.vstack([fixed_from_moving, [0, 0, 1]])
+    a = a @ np.linalg.inv(moving.decoded_from_file)
+    h, w = fixed.pixels.shape
+    return cv2.warpAffine(moving.pixels, a[:2], (w, h))
+
+
+def pair_figure(path, fixed, moving, result, points=None, title=""):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+    warped = None
+    if result.fixed_from_moving is not None:
+        warped = warp_to_fixed(fixed, moving, result.fixed_from_moving)
+    panels = [("fixed", fixed.pixels), ("moving", moving.pixels)]
+    panels += [("moving warped onto fixed", warped), ("overlay: fixed magenta, warped green", None)]
+    for axis, (name, img) in zip(axes, panels):
+        axis.set_title(name)
+        axis.axis("off")
+        if img is not None:
+            axis.imshow(img, cmap="gray")
+    if warped is not None:
+        axes[3].imshow(overlay(fixed.pixels, warped))
+        if points is not None:
+            from common import apply_affine
+
+            scale = fixed.decoded_from_file
+            ref = apply_affine(scale, points[:, :2])
+            mapped = apply_affine(
+                scale @ np.vstack([result.fixed_from_moving, [0, 0, 1]]), points[:, 2:]
+            )
+            axes[3].plot(ref[:, 0], ref[:, 1], "o", mfc="none", mec="yellow", label="fixed points")
+            axes[3].plot(
+                mapped[:, 0], mapped[:, 1], "+", color="cyan", label="moving points mapped"
+            )
+            axes[3].legend(loc="lower right", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def save(fig, path):
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".part.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def success_figure(path, errors_by_method):
+    """Success rate (share of pairs with error <= t) against t, one curve per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    t = np.linspace(0, AUC_MAX_PX, 251)
+    for name, errors in errors_by_method.items():
+        errors = np.asarray(errors, np.float64)
+        ax.plot(
+            t, [(errors <= v).mean() for v in t], label=f"{name} (AUC {success_auc(errors):.3f})"
+        )
+    ax.set_xlabel("threshold (px)")
+    ax.set_ylabel("share of pairs registered within the threshold")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    save(fig, path)
+
+
+def confidence_figure(path, rows):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for category, marker in zip("SPA", "os^"):
+        picked = [r for r in rows if r["category"] == category and r["error_px"] != ""]
+        ax.scatter(
+            [float(r["confidence"]) for r in picked],
+            [float(r["error_px"]) for r in picked],
+            marker=marker,
+            label=category,
+            alpha=0.7,
+        )
+    if any(r["error_px"] and float(r["error_px"]) > 0 for r in rows):  # log of nothing fails
+        ax.set_yscale("log")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("FIRE error (px)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# A FIRE-layout folder
+
+
+def read_rows(path):
+    """Complete rows of an existing per_pair.csv (a torn last line is dropped)."""
+    if not Path(path).exists():
+        return {}
+    with open(path, newline="") as f:
+        return {r["pair"]: r for r in csv.DictReader(f) if r.get("reason") is not None}
+
+
+def evaluate_pair(item, register, out, figures):
+    """One FIRE pair -> a per_pair.csv row (dict); failures become rows with a reason."""
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(pair=item.pair, category=item.category)
+    try:
+        if item.problem:
+            raise InputError(item.pair, item.problem)
+        fixed, moving = read_image(item.fixed), read_image(item.moving)
+    except InputError as e:
+        row["reason"] = str(e)
+        return row
+    try:
+        result, seconds = timed(register, fixed, moving)
+    except Exception as e:  # a batch records the pair as failed and goes on
+        row["reason"] = f"registration crashed: {type(e).__name__}: {str(e).strip()[:200]}"
+        return row
+    row.update(seconds=f"{seconds:.4f}", confidence=f"{result.confidence:.4f}")
+    if result.fixed_from_moving is None:
+        row["reason"] = result.reason or "registration failed"
+    else:
+        m = result.fixed_from_moving
+        row.update({f"m{i}{j}": f"{m[i, j]:.6f}" for i in range(2) for j in range(3)})
+        row["error_px"] = f"{fire_error(m, item.points):.4f}"
+        row["inaccurate"] = str(is_inaccurate(m, item.points))
+    if figures:
+        title = f"{item.pair}: error {row['error_px'] or 'failed'} px"
+        pair_figure(out / "figures" / f"{item.pair}.png", fixed, moving, result, item.points, title)
+    return row
+
+
+def summarise(rows, threads):
+    errors = {r["pair"]: float(r["error_px"]) if r["error_px"] else math.inf for r in rows}
+    auc = {}
+    for category in "SPA":
+        picked = [errors[r["pair"]] for r in rows if r["category"] == category]
+        auc[f"AUC_{category}"] = success_auc(picked) if picked else None
+    present = [v for v in auc.values() if v is not None]
+    seconds = [float(r["seconds"]) for r in rows if r["seconds"]]
+    all_errors = list(errors.values())
+    return {
+        "n_pairs": len(rows),
+        "mAUC": float(np.mean(present)) if present else None,
+        **auc,
+        "median_error_px": float(np.median(all_errors)) if all_errors else None,
+        "failed": sum(1 for r in rows if not r["error_px"]),
+        "inaccurate": sum(1 for r in rows if r["inaccurate"] == "True"),
+        "median_seconds": float(np.median(seconds)) if seconds else None,
+        "p90_seconds": float(np.percentile(seconds, 90)) if seconds else None,
+        "threads": threads,
+    }
+
+
+def evaluate_folder(pairs, label, register, out, args):
+    """Run one method over the pairs; write per_pair.csv, summary.json and figures."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "per_pair.csv"
+    done = read_rows(csv_path) if args.RESUME else {}
+    rows = [done[p.pair] for p in pairs if p.pair in done]
+    with open(csv_path, "w", newline="") as f:  # rewrite the kept rows, then append as we go
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        for item in tqdm([p for p in pairs if p.pair not in done], desc=label, unit="pair"):
+            row = evaluate_pair(item, register, out, args.FIGURES)
+            if row["reason"]:
+                tqdm.write(f"{label}: {item.pair} failed: {row['reason']}")
+            writer.writerow(row)
+            f.flush()
+            rows.append(row)
+    rows.sort(key=lambda r: r["pair"])
+    summary = {"method": label, **summarise(rows, args.THREADS)}
+    write_json(out / "summary.json", summary)
+    errors = [float(r["error_px"]) if r["error_px"] else math.inf for r in rows]
+    success_figure(out / "success_rate.png", {label: errors})
+    confidence_figure(out / "confidence.png", rows)
+    return summary, errors
+
+
+def comparison(out, summaries, errors_by_method):
+    """comparison.md / .csv and one success-rate figure with every method."""
+    classical = [
+        s["median_seconds"] for s in summaries if s["method"] in CLASSICAL and s["median_seconds"]
+    ]
+    fastest = min(classical) if classical else None
+    keys = [
+        "method",
+        "mAUC",
+        "AUC_S",
+        "AUC_P",
+        "AUC_A",
+        "median_error_px",
+        "failed",
+        "inaccurate",
+        "median_seconds",
+        "p90_seconds",
+        "speedup_vs_fastest_classical",
+    ]
+    table = []
+    for s in summaries:
+        speed = fastest / s["median_seconds"] if fastest and s["median_seconds"] else None
+        table.append({**s, "speedup_vs_fastest_classical": speed})
+
+    def cell(v):
+        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in table]
+    threads = summaries[0]["threads"] if summaries else ""
+    note = f"\n{len(errors_by_method and next(iter(errors_by_method.values())))} pairs, {threads} CPU threads for every method; seconds from decoded images to matrix.\n"
+    write_atomic(out / "comparison.md", "\n".join(lines) + "\n" + note)
+    text = (
+        ",".join(keys)
+        + "\n"
+        + "".join(",".join(cell(r.get(k)) for k in keys) + "\n" for r in table)
+    )
+    write_atomic(out / "comparison.csv", text)
+    success_figure(out / "success_rate.png", errors_by_method)
+    print("\n".join(lines))
+
+
+def run_folder(args, methods):
+    pairs = read_fire(args.DATA)
+    out = Path(args.OUT)
+    summaries, errors = [], {}
+    for name in methods:
+        label, register = make_method(name, args)
+        folder = out if len(methods) == 1 else out / label
+        summary, errors[label] = evaluate_folder(pairs, label, register, folder, args)
+        summaries.append(summary)
+        num = {k: "n/a" if v is None else f"{v:.3f}" for k, v in summary.items() if k != "method"}
+        print(
+            f"{label}: mAUC {num['mAUC']}, median error {num['median_error_px']} px, "
+            f"{summary['failed']} failed, {summary['inaccurate']} inaccurate, "
+            f"median {num['median_seconds']} s per pair -> {folder}"
+        )
+    if len(methods) > 1:
+        comparison(out, summaries, errors)
+
+
+def run_pair(args, methods):
+    if len(methods) != 1:
+        raise InputError(args.METHOD, "give one method for a single pair")
+    fixed, moving = read_image(args.FIXED), read_image(args.MOVING)
+    label, register = make_method(methods[0], args)
+    result, seconds = timed(register, fixed, moving)
+    out = Path(args.OUT)
+    if result.fixed_from_moving is None:
+        write_json(
+            out / "result.json",
+            {
+                "method": label,
+                "fixed_from_moving": None,
+                "reason": result.reason,
+                "seconds": seconds,
+            },
+        )
+        raise InputError(args.MOVING, f"registration failed: {result.reason}")
+    m = result.fixed_from_moving
+    write_json(
+        out / "result.json",
+        {
+            "method": label,
+            "fixed": str(args.FIXED),
+            "moving": str(args.MOVING),
+            "fixed_from_moving": m.tolist(),
+            "confidence": result.confidence,
+            "seconds": seconds,
+            "threads": args.THREADS,
+            "convention": "maps (x, y) pixels of the moving file to pixels of the fixed file; "
+            "cv2.warpAffine(moving, M, fixed_size) lays moving over fixed",
+        },
+    )
+    warped = warp_to_fixed(fixed, moving, m)
+    for name, img in (("warped.png", warped), ("overlay.png", overlay(fixed.pixels, warped))):
+        ok, data = cv2.imencode(".png", img if img.ndim == 2 else img[:, :, ::-1])
+        write_atomic(out / name, data.tobytes())
+    print(
+        f"fixed_from_moving = {np.array2string(m, precision=4)}; confidence {result.confidence:.2f}; "
+        f"{seconds * 1000:.1f} ms -> {out}"
+    )
+
+
+def main(args):
+    methods = [m.strip() for m in args.METHOD.split(",") if m.strip()]
+    set_threads(args.THREADS, any(m not in CLASSICAL for m in methods))
+    if bool(args.FIXED) != bool(args.MOVING):
+        raise InputError("--fixed/--moving", "give both images of the pair")
+    if args.FIXED:
+        run_pair(args, methods)
+    else:
+        run_folder(args, methods)
+
+
+if __name__ == "__main__":
+    exit_on_input_error(lambda: main(cli(globals(), __doc__)))

@@ -1,0 +1,360 @@
+"""Shared pieces of the four scripts: image reading, the FIRE layout, affine geometry, metrics, CLI.
+
+Convention (used everywhere in this repository):
+    Points are (x, y): x is the column, y the row, in pixels, origin at the centre of the top-left
+    pixel (OpenCV's convention). A matrix named ``b_from_a`` maps points of frame ``a`` to frame
+    ``b``: ``[x_b, y_b] = b_from_a @ [x_a, y_a, 1]``. 2x3 matrices are affine transforms; 3x3 ones
+    are the same with the row ``[0, 0, 1]`` appended so they compose by ``@``.
+    ``fixed_from_moving`` maps moving-image pixels to fixed-image pixels of the files as given
+    (full resolution). It is exactly the ``M`` of ``cv2.warpAffine(moving, M, fixed_size)``, which
+    lays the moving image over the fixed one.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+MIN_SIDE = 32  # smaller images cannot be registered meaningfully
+MAX_DECODED_SIDE = 2048  # larger images are decoded at a reduced size (bounded memory)
+AUC_MAX_PX = 25.0  # FIRE protocol: success-rate curve from 0 to 25 px
+
+
+class InputError(Exception):
+    """A file the user gave cannot be used; ``str(e)`` is one line naming the file and why."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclasses.dataclass
+class GreyImage:
+    """One channel of a photograph, as registration uses it.
+
+    pixels: uint8 (H, W), the green channel of a colour image (best vessel contrast in fundus
+        photographs) or the grey image itself, possibly decoded at a reduced size.
+    file_shape: (height, width) of the file as given.
+    decoded_from_file: 3x3 matrix from file pixels to ``pixels`` coordinates.
+    """
+
+    pixels: np.ndarray
+    file_shape: tuple
+    decoded_from_file: np.ndarray
+
+
+def scale_matrix(sx, sy=None):
+    """3x3 matrix of a resize by (sx, sy) under OpenCV's pixel-centre convention."""
+    sy = sx if sy is None else sy
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
+
+
+def to_grey(img, path="image"):
+    """uint8 single channel from any decoded image: green of colour, alpha dropped, 16-bit scaled."""
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3:
+        img = img[:, :, 1]  # green in BGR, BGRA and RGB alike
+    if img.dtype != np.uint8:
+        img = img.astype(np.float32)
+        top = float(img.max())
+        img = np.zeros(img.shape, np.uint8) if top <= 0 else np.clip(img * (255.0 / top), 0, 255)
+        img = img.astype(np.uint8)
+    if img.ndim != 2:
+        raise InputError(path, f"unsupported image layout {img.shape}")
+    return np.ascontiguousarray(img)
+
+
+def read_image(path, max_side=MAX_DECODED_SIDE):
+    """Read a photograph for registration; raise InputError with one clear line if it cannot be.
+
+    Large files are decoded at 1/2, 1/4 or 1/8 size (``cv2.IMREAD_REDUCED_*``) so memory stays
+    bounded; ``decoded_from_file`` records the reduction so results stay in file pixels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty")
+    try:
+        with Image.open(path) as header:  # reads the header only
+            width, height = header.size
+    except Image.DecompressionBombError:
+        raise InputError(path, "image is too large to decode safely") from None
+    except Exception:
+        raise InputError(path, "not an image file (cannot read its header)") from None
+    if min(width, height) < MIN_SIDE:
+        raise InputError(path, f"image is too small ({width}x{height} px, need {MIN_SIDE}+)")
+    if _looks_truncated(path):
+        raise InputError(path, "truncated JPEG (file ends before the image data does)")
+    factor = 1  # decode at 1/2, 1/4 or 1/8 until the longest side is at most max_side
+    while max(width, height) / factor > max_side and factor < 8:
+        factor *= 2
+    flags = {1: cv2.IMREAD_UNCHANGED, 2: cv2.IMREAD_REDUCED_COLOR_2}
+    flags.update({4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8})
+    if factor > 1:  # IMREAD_UNCHANGED ignores EXIF orientation; so must reduced reads (file px)
+        flags[factor] |= cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imread(str(path), flags[factor])
+    if img is None or img.size == 0:
+        raise InputError(path, "cannot decode the image (corrupt or unsupported format)")
+    grey = to_grey(img, path)
+    if grey.max() == grey.min():
+        raise InputError(path, "image has no content (every pixel has the same value)")
+    sx, sy = grey.shape[1] / width, grey.shape[0] / height
+    return GreyImage(grey, (height, width), scale_matrix(sx, sy))
+
+
+def _looks_truncated(path):
+    """JPEGs end with the EOI marker FFD9 (some writers pad or append a little after it);
+    OpenCV decodes truncated ones silently as grey rows."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return False
+        f.seek(max(2, path.stat().st_size - 1024))
+        return b"\xff\xd9" not in f.read()  # FFD9 never occurs inside entropy-coded data
+
+
+def fov_mask(grey, threshold=10):
+    """uint8 mask (255 inside) of the camera's field of view: the largest bright blob, eroded."""
+    small = cv2.GaussianBlur(grey, (5, 5), 0)
+    mask = (small > threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    if count > 1:
+        mask = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    radius = max(1, min(grey.shape) // 100)
+    mask = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
+    return mask * 255
+
+
+@dataclasses.dataclass
+class Registration:
+    """What every method returns: a failure is a value (matrix None, reason set), not a crash.
+
+    fixed_from_moving: 2x3 in file pixels (see the module's convention), or None when it failed.
+    confidence: in [0, 1], low when the method doubts its result (e.g. share of RANSAC inliers).
+    """
+
+    fixed_from_moving: np.ndarray = None
+    confidence: float = 0.0
+    reason: str = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Affine geometry
+
+
+def to3x3(a):
+    """3x3 homogeneous form of a 2x3 (or 3x3) affine matrix."""
+    a = np.asarray(a, np.float64)
+    return a if a.shape == (3, 3) else np.vstack([a, [0.0, 0.0, 1.0]])
+
+
+def translation(dx, dy):
+    return np.array([[1.0, 0, dx], [0, 1.0, dy], [0, 0, 1.0]])
+
+
+def apply_affine(a, points):
+    """Map (N, 2) points (x, y) by the 2x3 or 3x3 affine ``a``."""
+    a = to3x3(a)
+    return np.asarray(points, np.float64) @ a[:2, :2].T + a[:2, 2]
+
+
+def fit_affine(src, dst):
+    """Least-squares affine ``dst_from_src`` (2x3) and the residual distances of each point.
+
+    Uses scikit-image's estimator; raises ValueError when the points do not define an affine
+    (fewer than 3, or collinear).
+    """
+    from skimage.transform import AffineTransform
+
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if len(src) < 3:
+        raise ValueError(f"need at least 3 point pairs, got {len(src)}")
+    spread = np.linalg.svd(src - src.mean(axis=0), compute_uv=False)
+    if spread[1] <= 1e-6 * max(spread[0], 1e-12):
+        raise ValueError("the points are collinear: they do not define an affine transform")
+    tform = AffineTransform.from_estimate(src, dst)
+    if not tform or not np.all(np.isfinite(tform.params)):
+        raise ValueError(f"points do not define an affine transform ({tform})")
+    return tform.params[:2].copy(), np.linalg.norm(apply_affine(tform.params, src) - dst, axis=1)
+
+
+def local_from_global(fixed_from_moving, left, top):
+    """A full-image matrix re-expressed for the patch whose top-left pixel is (left, top).
+
+    Both patches sit at the same place in fixed and moving images; the linear part is unchanged
+    and ``t_local = A (left, top, 1) - (left, top)`` (the prototype's formula).
+    """
+    return (translation(-left, -top) @ to3x3(fixed_from_moving) @ translation(left, top))[:2]
+
+
+def global_from_local(local, left, top):
+    """Inverse of local_from_global: ``t_global = t_local + (left, top) - L (left, top)``."""
+    return (translation(left, top) @ to3x3(local) @ translation(-left, -top))[:2]
+
+
+def norm_from_pixels(size):
+    """3x3 from pixel coordinates of a size x size patch to [-1, 1] (pixel centres)."""
+    s = 2.0 / size
+    return np.array([[s, 0, s * 0.5 - 1], [0, s, s * 0.5 - 1], [0, 0, 1.0]])
+
+
+# ----------------------------------------------------------------------------------------------
+# FIRE layout and its metrics
+
+
+@dataclasses.dataclass
+class FirePair:
+    """One pair of the FIRE layout. ``points`` is (N, 4) ``x_fixed y_fixed x_moving y_moving``."""
+
+    pair: str
+    category: str
+    fixed: Path
+    moving: Path
+    points: np.ndarray = None
+    problem: str = None
+
+
+def read_control_points(path):
+    """(N, 4) float array from a FIRE control-point file; InputError if it is malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "control-point file not found")
+    rows = [line.split() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    for number, row in enumerate(rows, 1):
+        if len(row) != 4:
+            raise InputError(path, f"line {number} has {len(row)} columns, expected 4")
+    try:
+        points = np.array(rows, np.float64).reshape(-1, 4)
+    except ValueError:
+        raise InputError(path, "contains values that are not numbers") from None
+    if len(points) < 3:
+        raise InputError(path, f"has {len(points)} control points, need at least 3")
+    if not np.all(np.isfinite(points)):
+        raise InputError(path, "contains values that are not finite numbers")
+    return points
+
+
+def read_fire(root):
+    """Pairs of a FIRE-layout folder: ``Images/<ID>_1.jpg`` (fixed), ``Images/<ID>_2.jpg``
+    (moving), ``Ground Truth/control_points_<ID>_1_2.txt``; category = first letter of the ID.
+
+    A pair whose files are missing or malformed is returned with ``problem`` set, not dropped.
+    """
+    root = Path(root)
+    images = root / "Images"
+    if not images.is_dir():
+        raise InputError(root, "not a FIRE-layout folder (no Images/ subfolder)")
+    ids = sorted({p.stem.rsplit("_", 1)[0] for p in images.glob("*_[12].*")})
+    if not ids:
+        raise InputError(images, "no images named <ID>_1.jpg / <ID>_2.jpg")
+    pairs = []
+    for pair_id in ids:
+        found = {i: sorted(images.glob(f"{pair_id}_{i}.*")) for i in (1, 2)}
+        fixed = found[1][0] if found[1] else images / f"{pair_id}_1.jpg"
+        moving = found[2][0] if found[2] else images / f"{pair_id}_2.jpg"
+        item = FirePair(pair_id, pair_id[0].upper(), fixed, moving)
+        gt = root / "Ground Truth" / f"control_points_{pair_id}_1_2.txt"
+        try:
+            for path in (fixed, moving):
+                if not path.exists():
+                    raise InputError(path, "partner image missing")
+            item.points = read_control_points(gt)
+        except InputError as e:
+            item.problem = str(e)
+        pairs.append(item)
+    return pairs
+
+
+def fire_error(fixed_from_moving, points):
+    """FIRE error: mean distance (px) between fixed points and moving points mapped by the matrix."""
+    if fixed_from_moving is None:
+        return float("inf")
+    mapped = apply_affine(fixed_from_moving, points[:, 2:4])
+    return float(np.linalg.norm(mapped - points[:, 0:2], axis=1).mean())
+
+
+def success_auc(errors, max_px=AUC_MAX_PX):
+    """Area under the success-rate curve (share of pairs with error <= t, t in [0, max_px]),
+    normalised to [0, 1]. Exactly mean(max(0, 1 - e / max_px)); failures (inf) count as 0."""
+    errors = np.asarray(errors, np.float64)
+    if errors.size == 0:
+        return float("nan")
+    return float(np.mean(np.clip(1.0 - errors / max_px, 0.0, 1.0)))
+
+
+def is_inaccurate(fixed_from_moving, points):
+    """FIRE's 'inaccurate': max error > 50 px or median error > 20 px."""
+    mapped = apply_affine(fixed_from_moving, points[:, 2:4])
+    d = np.linalg.norm(mapped - points[:, 0:2], axis=1)
+    return bool(d.max() > 50 or np.median(d) > 20)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line and files
+
+
+def cli(defaults, doc, argv=None):
+    """Parse flags named after the UPPERCASE constants of a script (``BATCH_SIZE`` -> --batch-size).
+
+    The constants are the defaults; the type of each default is the flag's type (None -> str).
+    """
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for name, value in defaults.items():
+        if not name.isupper() or name.startswith("_") or callable(value):
+            continue
+        if not isinstance(value, (int, float, str, bool, type(None))):
+            continue
+        kind = str if value is None else type(value)
+        if kind is bool:
+            kind = _parse_bool
+        flag = "--" + name.lower().replace("_", "-")
+        parser.add_argument(flag, dest=name, type=kind, default=value, help=f"default: {value}")
+    return parser.parse_args(argv)
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def write_atomic(path, data):
+    """Write bytes or text so that ``path`` is either absent, old, or complete (never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def exit_on_input_error(main):
+    """Run ``main``; an InputError becomes one line on stderr and exit code 2, no traceback."""
+    try:
+        return main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

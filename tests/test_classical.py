@@ -1,0 +1,115 @@
+"""Classical baselines on a known affine: skimage's retina photograph moved and seen through a
+circular aperture, as a fundus camera would. No files are read or written."""
+
+import cv2
+import numpy as np
+import pytest
+
+import classical
+from common import GreyImage, apply_affine, scale_matrix, to3x3
+
+SIDE = 768
+BOUND_PX = {"sift": 1.0, "orb": 1.0, "ecc": 1.0}  # mean grid-point error allowed (px); ~0.2 seen
+
+
+def affine(degrees, scale, tx, ty, centre=(SIDE - 1) / 2):
+    """2x3 rotation + scale about the image centre, then a translation."""
+    m = cv2.getRotationMatrix2D((centre, centre), degrees, scale)
+    m[:, 2] += (tx, ty)
+    return m
+
+
+@pytest.fixture(scope="module")
+def retina():
+    skimage_data = pytest.importorskip("skimage.data")
+    green = skimage_data.retina()[:, :, 1]
+    return cv2.resize(green, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+
+
+def aperture(pixels):
+    """Black outside a centred disc, like the fixed aperture of a fundus camera."""
+    h, w = pixels.shape
+    mask = np.zeros((h, w), np.uint8)
+    cv2.circle(mask, (w // 2, h // 2), int(0.46 * min(h, w)), 1, -1)
+    return pixels * mask
+
+
+def grey(pixels):
+    return GreyImage(np.ascontiguousarray(pixels), pixels.shape, np.eye(3))
+
+
+def moved(base, fixed_from_moving):
+    """The moving photograph: its pixel p shows what the fixed one shows at fixed_from_moving p."""
+    warped = cv2.warpAffine(base, fixed_from_moving, (SIDE, SIDE), flags=cv2.WARP_INVERSE_MAP)
+    return aperture(warped)
+
+
+def grid_error(estimate, truth):
+    """Mean distance at ~10 moving points inside the aperture whose images are inside it too."""
+    ys, xs = np.mgrid[0.25:0.76:0.125, 0.25:0.76:0.125].reshape(2, -1) * SIDE
+    points = np.stack([xs, ys], 1)
+    centre, radius = (SIDE - 1) / 2, 0.4 * SIDE
+    inside = np.linalg.norm(points - centre, axis=1) < radius
+    inside &= np.linalg.norm(apply_affine(truth, points) - centre, axis=1) < radius
+    points = points[inside][:: max(1, inside.sum() // 10)]
+    assert len(points) >= 8
+    return float(
+        np.linalg.norm(apply_affine(estimate, points) - apply_affine(truth, points), axis=1).mean()
+    )
+
+
+MOTION = {
+    "sift": affine(4.0, 1.03, 30.0, -25.0),
+    "orb": affine(-3.0, 0.97, -35.0, 20.0),
+    "ecc": affine(3.0, 1.02, 20.0, 15.0),
+}
+
+
+@pytest.mark.parametrize("name", ["sift", "orb", "ecc"])
+def test_recovers_known_affine(retina, name):
+    truth = MOTION[name]
+    result = classical.METHODS[name](grey(aperture(retina)), grey(moved(retina, truth)))
+    assert result.fixed_from_moving is not None, result.reason
+    assert result.fixed_from_moving.shape == (2, 3)
+    assert 0.0 <= result.confidence <= 1.0
+    error = grid_error(result.fixed_from_moving, truth)
+    assert error < BOUND_PX[name], f"{name}: mean error {error:.2f} px"
+
+
+def test_sizes_and_decoding_are_undone(retina):
+    """A moving file of another size, decoded at half size: the matrix is still in file pixels."""
+    truth = affine(4.0, 1.03, 30.0, -25.0)
+    crop = moved(retina, truth)[:, 64:]  # non-square file, 768 x 704
+    truth = truth @ to3x3(np.array([[1.0, 0, 64], [0, 1, 0]]))  # fixed_from_crop
+    half = cv2.resize(crop, (crop.shape[1] // 2, crop.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    moving = GreyImage(half, crop.shape, scale_matrix(0.5))
+    for name in ("sift", "ecc"):
+        result = classical.METHODS[name](grey(aperture(retina)), moving)
+        assert result.fixed_from_moving is not None, result.reason
+        error = grid_error(result.fixed_from_moving, truth)
+        assert error < 2 * BOUND_PX[name], f"{name}: mean error {error:.2f} px"
+
+
+@pytest.mark.parametrize("name", ["sift", "orb", "ecc"])
+def test_unrelated_images_fail_cleanly(retina, name):
+    """Retina against textured noise: a failed Registration (or a low-confidence one), no raise."""
+    rng = np.random.default_rng(0)
+    noise = cv2.GaussianBlur(rng.integers(0, 256, (SIDE, SIDE), dtype=np.uint8), (0, 0), 2.0)
+    ramp = np.linspace(40, 200, SIDE, dtype=np.float32)[None, :]
+    other = aperture(np.clip(0.5 * noise + ramp - 64, 0, 255).astype(np.uint8))
+    result = classical.METHODS[name](grey(aperture(retina)), grey(other))
+    if name in ("sift", "orb"):
+        assert result.fixed_from_moving is None and result.reason, result
+    elif result.fixed_from_moving is None:
+        assert result.reason and result.confidence == 0.0
+    else:
+        assert result.confidence < 0.5, result
+
+
+@pytest.mark.parametrize("name", ["sift", "orb", "ecc"])
+def test_flat_images_do_not_raise(name):
+    """No texture at all (no keypoints, zero gradients): a failure value, not an exception."""
+    flat = grey(aperture(np.full((200, 300), 120, np.uint8)))
+    result = classical.METHODS[name](flat, flat)
+    assert result.fixed_from_moving is None or result.fixed_from_moving.shape == (2, 3)
+    assert result.fixed_from_moving is not None or result.reason
