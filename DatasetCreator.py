@@ -1,4 +1,4 @@
-"""DatasetCreator.py - step 1 of 4: image pairs -> patch pairs with their target matrices, in shards.
+"""DatasetCreator.py - step 1 of 4: image pairs -> patch pairs and their target matrices, in shards.
 
 Pairs come from two kinds of source (either or both):
     --fire DIR    a FIRE-layout folder: each pair's affine is fitted (least squares) to its control
@@ -200,7 +200,9 @@ def load_fire(args):
                 raise InputError(gt, str(e)) from None
             shift = np.hypot(*a[:, 2]) / max(fixed.file_shape)
             print(
-                f"{item.pair}: affine residual {residual.mean():.2f} px (max {residual.max():.2f}), translation {shift:.1%} of the side"
+                f"{item.pair}: affine residual {residual.mean():.2f} px "
+                f"(max {residual.max():.2f}), "
+                f"translation {shift:.1%} of the side"
             )
             if shift > args.MAX_TRANSLATION:
                 raise InputError(
@@ -349,7 +351,7 @@ def main(args):
     order = np.random.default_rng(args.SEED).permutation(len(photos) + len(fire_pairs))
     n_val = max(1, round(args.VAL_FRACTION * len(order))) if len(order) > 1 else 0
     split = {int(i): ("val" if rank < n_val else "train") for rank, i in enumerate(order)}
-    # One unit = one pair: (source index, pair number); a shard holds PAIRS_PER_SHARD units of one split.
+    # One unit = one pair (source index, pair number); a shard: PAIRS_PER_SHARD units of one split
     units = {"train": [], "val": []}
     for i in range(len(photos) + len(fire_pairs)):
         count = args.PAIRS_PER_PHOTO if i < len(photos) else 1
@@ -363,7 +365,8 @@ def main(args):
         config=vars(args),
         patch_size=args.PATCH_SIZE,
         failed=failed_photos + failed_fire,
-        target_convention="fixedpatch_from_movingpatch, 2x3, normalised patch coordinates [-1, 1] (Network.py)",
+        target_convention="fixedpatch_from_movingpatch, 2x3, normalised patch coordinates "
+        "[-1, 1] (Network.py)",
         sources=[name for name, _ in photos] + [p[0] for p in fire_pairs],
         validation_sources=[
             ([n for n, _ in photos] + [p[0] for p in fire_pairs])[i]
@@ -405,7 +408,8 @@ def main(args):
         for s in ("train", "val")
     }
     print(
-        f"{out}: {counts['train']} training and {counts['val']} validation patch pairs in {len(manifest['shards'])} shards"
+        f"{out}: {counts['train']} training and {counts['val']} validation patch pairs "
+        f"in {len(manifest['shards'])} shards"
     )
 
 

@@ -53,7 +53,8 @@ COARSE_ITERATIONS = 3
 FINE_SIZE = 384  # 0 = coarse only
 FINE_PATCHES = 9
 FINE_ITERATIONS = 1
-REFINE = "net"  # fine stage: net (the network on patches) or phase (phase correlation)
+REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
+POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
 AGGREGATE = "lmeds"  # how patch estimates combine: lmeds (robust fit) or mean (the prototype's)
 THREADS = 2
 # `python Network.py`: time this many patches
@@ -66,7 +67,7 @@ TIME_PATCHES = 200
 
 @keras.saving.register_keras_serializable(package="fundusreg")
 class AffineFromHeads(keras.layers.Layer):
-    """(translation, scale, rotation), each (B, 2), -> (B, 2, 3) matrix [[a00, a01, a02], [a10, ...]]."""
+    """(translation, scale, rotation), each (B, 2) -> (B, 2, 3) [[a00 a01 a02], [a10 a11 a12]]."""
 
     def call(self, translation, scale, rotation):
         ops = keras.ops
@@ -262,6 +263,7 @@ class NetRegistrar:
         fine_iterations=FINE_ITERATIONS,
         aggregate=AGGREGATE,
         refine=REFINE,
+        polish_iterations=POLISH_ITERATIONS,
     ):
         import tensorflow as tf
 
@@ -273,7 +275,7 @@ class NetRegistrar:
         self.size = int(model.input_shape[1])
         self.coarse_iterations, self.fine_size = coarse_iterations, fine_size
         self.fine_patches, self.fine_iterations = fine_patches, fine_iterations
-        self.aggregate, self.refine = aggregate, refine
+        self.aggregate, self.refine, self.polish_iterations = aggregate, refine, polish_iterations
         spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
         self._predict = tf.function(
             lambda x: model(x, training=False)["matrix"], input_signature=[spec]
@@ -327,10 +329,12 @@ class NetRegistrar:
         estimate = self.predict if self.refine == "net" else self.phase
         for _ in range(self.fine_iterations if corners else 0):
             warped = cv2.warpAffine(moving_view, a[:2], (side, side))
-            fixed_patches = np.stack([fixed_view[t : t + p, l : l + p] for l, t in corners])
-            moving_patches = np.stack([warped[t : t + p, l : l + p] for l, t in corners])
+            fixed_patches = np.stack([fixed_view[y : y + p, x : x + p] for x, y in corners])
+            moving_patches = np.stack([warped[y : y + p, x : x + p] for x, y in corners])
             local = estimate(fixed_patches, moving_patches)
             a = _fit_patch_motions(local, corners, p, self.aggregate) @ a
+        if self.polish_iterations:
+            a = _polish(fixed_view, mask, moving_view, a, self.polish_iterations)
         warped = cv2.warpAffine(moving_view, a[:2], (side, side))
         return a, _confidence(fixed_view, mask, warped)
 
@@ -354,7 +358,7 @@ def _patch_corners(mask, size, count):
             if all(mask[y, x] for y, x in probe):
                 corners.append((int(left), int(top)))
     order = np.argsort(
-        [abs(l - side / 2 + size / 2) + abs(t - side / 2 + size / 2) for l, t in corners]
+        [abs(x - side / 2 + size / 2) + abs(y - side / 2 + size / 2) for x, y in corners]
     )
     chosen = [corners[i] for i in order[::-1][:count]]  # prefer the outermost: best leverage
     return chosen
@@ -380,8 +384,34 @@ def _fit_patch_motions(local, corners, size, aggregate):
     if fit is None:  # the prototype's mean of the patches' full-image matrices
         from common import global_from_local
 
-        fit = np.mean([global_from_local(m, l, t) for m, (l, t) in zip(local, corners)], axis=0)
+        fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
     return to3x3(fit)
+
+
+def _polish(fixed_view, fixed_mask, moving_view, a, iterations):
+    """A few ECC (Gauss-Newton) steps on vessel edges from ``a``: the last sub-pixel; ``a`` is
+    kept where ECC does not converge."""
+    from classical import edges
+
+    fixed_edges, fixed_mask = edges(fixed_view, fixed_mask)
+    moving_edges, moving_mask = edges(moving_view, fov_mask(moving_view))
+    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, iterations, 1e-4)
+    moving_from_fixed = np.linalg.inv(a)[:2].astype(np.float32)
+    try:
+        _, w = cv2.findTransformECCWithMask(
+            fixed_edges,
+            moving_edges,
+            fixed_mask,
+            moving_mask,
+            moving_from_fixed,
+            cv2.MOTION_AFFINE,
+            criteria,
+            5,
+        )
+    except cv2.error:
+        return a
+    polished = np.linalg.inv(to3x3(w))
+    return polished if np.all(np.isfinite(polished)) else a
 
 
 def _confidence(fixed, mask, warped):

@@ -236,10 +236,14 @@ def main(args):
             loss_weights={**{h: args.HEAD_LOSS_WEIGHT for h in heads}, "matrix": 1.0},
         )
     print(
-        f"{model.count_params():,} parameters; {n_train} training patch pairs, {steps} steps per epoch"
+        f"{model.count_params():,} parameters; {n_train} training patch pairs, "
+        f"{steps} steps per epoch"
     )
     history_csv, best = run / "history.csv", run / "best.keras"
-    trim_history(history_csv, resume_epoch(run / "backup"))
+    start_epoch = resume_epoch(run / "backup")
+    trim_history(history_csv, start_epoch)
+    if start_epoch == 0:  # a fresh start: an earlier run's best model must not end up in OUT
+        best.unlink(missing_ok=True)
     # The backup comes LAST: an epoch's history row and checkpoint are on disk before the backup
     # that skips it on resume (a kill in between reruns the epoch; trim_history drops its row).
     callbacks = [
@@ -286,7 +290,8 @@ def main(args):
         },
     )
     print(
-        f"saved {out} (best validation loss {best_so_far(history_csv):.4f}); fit took {seconds:.0f} s"
+        f"saved {out} (best validation loss {best_so_far(history_csv):.4f}); "
+        f"fit took {seconds:.0f} s"
     )
 
 

@@ -34,8 +34,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common import AUC_MAX_PX, InputError, cli, exit_on_input_error, fire_error, is_inaccurate
-from common import read_fire, read_image, success_auc, write_atomic, write_json
+from common import (
+    AUC_MAX_PX,
+    InputError,
+    cli,
+    exit_on_input_error,
+    fire_error,
+    is_inaccurate,
+    read_fire,
+    read_image,
+    success_auc,
+    write_atomic,
+    write_json,
+)
 
 DATA = "data/sample"  # FIRE-layout folder (ignored when FIXED and MOVING are given)
 FIXED = ""
@@ -50,7 +61,8 @@ COARSE_ITERATIONS = 3
 FINE_SIZE = 384
 FINE_PATCHES = 9
 FINE_ITERATIONS = 1
-REFINE = "net"  # fine stage: net (the network on patches) or phase (phase correlation)
+REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
+POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
 AGGREGATE = "lmeds"  # how patch estimates combine: lmeds (robust) or mean (the prototype's)
 
 COLUMNS = ["pair", "category", "error_px", "seconds", "m00", "m01", "m02", "m10", "m11", "m12"]
@@ -86,6 +98,7 @@ def make_method(name, args):
             args.FINE_ITERATIONS,
             args.AGGREGATE,
             args.REFINE,
+            args.POLISH_ITERATIONS,
         )
         return ("net" if name == "net" else Path(name).stem), registrar.register
     raise InputError(name, "unknown method (use net, a .keras model path, sift, orb or ecc)")
@@ -326,8 +339,10 @@ def comparison(out, summaries, errors_by_method):
 
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in table]
-    threads = summaries[0]["threads"] if summaries else ""
-    note = f"\n{len(errors_by_method and next(iter(errors_by_method.values())))} pairs, {threads} CPU threads for every method; seconds from decoded images to matrix.\n"
+    note = (
+        f"\n{summaries[0]['n_pairs']} pairs, {summaries[0]['threads']} CPU threads for every "
+        "method; seconds from decoded images to matrix.\n"
+    )
     write_atomic(out / "comparison.md", "\n".join(lines) + "\n" + note)
     text = (
         ",".join(keys)
@@ -396,7 +411,8 @@ def run_pair(args, methods):
         ok, data = cv2.imencode(".png", img if img.ndim == 2 else img[:, :, ::-1])
         write_atomic(out / name, data.tobytes())
     print(
-        f"fixed_from_moving = {np.array2string(m, precision=4)}; confidence {result.confidence:.2f}; "
+        f"fixed_from_moving = {np.array2string(m, precision=4)}; "
+        f"confidence {result.confidence:.2f}; "
         f"{seconds * 1000:.1f} ms -> {out}"
     )
 

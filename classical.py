@@ -145,13 +145,19 @@ def _ecc_levels(fixed, moving):
         for image in (fixed, moving):
             pixels, mask, work_from_file = _prepare(image, side)
             if not coarse:
-                pixels = cv2.magnitude(
-                    cv2.Sobel(pixels, cv2.CV_32F, 1, 0), cv2.Sobel(pixels, cv2.CV_32F, 0, 1)
-                )
-                mask = cv2.erode(mask, np.ones((5, 5), np.uint8))  # no aperture-rim gradient
+                pixels, mask = edges(pixels, mask)
             level += [pixels, mask, work_from_file]
         levels.append((*level, cv2.MOTION_EUCLIDEAN if coarse else cv2.MOTION_AFFINE))
     return levels
+
+
+def edges(pixels, mask):
+    """Gradient magnitude (vessel edges; robust to exposure and colour changes) and the mask
+    eroded so that the aperture rim's own gradient is left out."""
+    magnitude = cv2.magnitude(
+        cv2.Sobel(pixels, cv2.CV_32F, 1, 0), cv2.Sobel(pixels, cv2.CV_32F, 0, 1)
+    )
+    return magnitude, cv2.erode(mask, np.ones((5, 5), np.uint8))
 
 
 def register_ecc(fixed, moving):

@@ -60,7 +60,7 @@ def scale_matrix(sx, sy=None):
 
 
 def to_grey(img, path="image"):
-    """uint8 single channel from any decoded image: green of colour, alpha dropped, 16-bit scaled."""
+    """uint8 single channel of any decoded image: green of colour, alpha dropped, 16-bit scaled."""
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 3:
@@ -279,7 +279,7 @@ def read_fire(root):
 
 
 def fire_error(fixed_from_moving, points):
-    """FIRE error: mean distance (px) between fixed points and moving points mapped by the matrix."""
+    """FIRE error: mean distance (px) from the fixed points to the moving points mapped by A."""
     if fixed_from_moving is None:
         return float("inf")
     mapped = apply_affine(fixed_from_moving, points[:, 2:4])
@@ -307,21 +307,32 @@ def is_inaccurate(fixed_from_moving, points):
 
 
 def cli(defaults, doc, argv=None):
-    """Parse flags named after the UPPERCASE constants of a script (``BATCH_SIZE`` -> --batch-size).
+    """Parse flags named after the UPPERCASE constants a script assigns at its top level
+    (``BATCH_SIZE`` -> --batch-size); names it imports are not its own and get no flag.
 
-    The constants are the defaults; the type of each default is the flag's type (None -> str).
-    """
+    ``defaults`` is the script's ``globals()``: the constants are the defaults, and the type of
+    each default is the flag's type (None -> str)."""
+    import ast
+
+    own = None
+    if defaults.get("__file__"):
+        tree = ast.parse(Path(defaults["__file__"]).read_text())
+        own = {
+            t.id
+            for n in tree.body
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for name, value in defaults.items():
-        if not name.isupper() or name.startswith("_") or callable(value):
+        if not name.isupper() or name.startswith("_") or (own is not None and name not in own):
             continue
         if not isinstance(value, (int, float, str, bool, type(None))):
             continue
-        kind = str if value is None else type(value)
-        if kind is bool:
-            kind = _parse_bool
+        kind = _parse_bool if isinstance(value, bool) else str if value is None else type(value)
         flag = "--" + name.lower().replace("_", "-")
         parser.add_argument(flag, dest=name, type=kind, default=value, help=f"default: {value}")
     return parser.parse_args(argv)

@@ -75,12 +75,13 @@ def test_tiny_training_run_loss_falls_and_model_loads(shards, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     model_path = tmp_path / "tiny.keras"
     argv = ["--data", str(out), "--out", str(model_path), "--run-dir", str(tmp_path / "run")]
-    argv += ["--epochs", "6", "--batch-size", "8", "--net-widths", "8,8,16,16,16"]
+    argv += ["--epochs", "5", "--steps-per-epoch", "15", "--batch-size", "8"]
+    argv += ["--net-widths", "8,8,16,16,16"]
     argv += ["--net-head-width", "32", "--learning-rate", "0.003"]
     NetworkTrainer.main(cli(vars(NetworkTrainer), "", argv))
     history = np.genfromtxt(tmp_path / "run" / "history.csv", delimiter=",", names=True)
-    assert list(history["epoch"]) == list(range(6))
-    assert history["loss"][-1] < 0.8 * history["loss"][0]
+    assert list(history["epoch"]) == list(range(5))
+    assert history["loss"][-1] < 0.85 * history["loss"][0]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     model = load_network(model_path)
     assert set(model.output_names) >= {"translation", "scale", "rotation", "matrix"}

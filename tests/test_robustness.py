@@ -58,16 +58,20 @@ def start(script, *args, log):
 
 
 def kill_when(proc, condition, timeout=120):
-    """SIGKILL ``proc`` as soon as ``condition()`` holds; fails if it ended before that."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"ended before it could be interrupted: rc {proc.returncode}"
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.01)
-    assert proc.poll() is None, "finished before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.log_handle.close()
+    """SIGKILL ``proc`` as soon as ``condition()`` holds; fails if it ended before that. The
+    process never outlives the test."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert proc.poll() is None, f"ended before it could be interrupted: {proc.returncode}"
+            assert time.monotonic() < deadline, "condition never held"
+            time.sleep(0.01)
+        assert proc.poll() is None, "finished before it could be interrupted"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        proc.log_handle.close()
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -401,6 +405,33 @@ def test_testing_pair_8000px_image_matrix_in_its_own_pixels(big_pair, tmp_path):
     grid = np.stack(np.meshgrid([1000, 4000, 7000], [1000, 4000, 7000]), -1).reshape(-1, 2)
     error = np.linalg.norm(apply_affine(m, grid) - apply_affine(expected, grid), axis=1)
     assert error.max() < 1.5, error  # in the fixed (1000 px) file's pixels
+
+
+def test_testing_pair_that_cannot_be_registered_exits_2_naming_it(images, tmp_path):
+    files, _ = images
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "noise.png"), cv2.GaussianBlur(noise, (0, 0), 3))
+    proc = run("Testing.py", "--fixed", files["fixed.jpg"], "--moving", tmp_path / "noise.png",
+               "--method", "sift", "--out", tmp_path / "out")  # fmt: skip
+    assert_input_error(proc, tmp_path / "noise.png", "registration failed")
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["fixed_from_moving"] is None
+
+
+def test_testing_resume_keeps_complete_rows_only(tmp_path):
+    """A per_pair.csv cut by a kill mid-row: RESUME keeps the complete rows, redoes the torn one."""
+    from Testing import COLUMNS, read_rows
+
+    good = dict.fromkeys(COLUMNS, "1") | {"pair": "S01", "category": "S", "reason": ""}
+    failed = dict.fromkeys(COLUMNS, "") | {"pair": "S02", "category": "S", "reason": "x: empty"}
+    path = tmp_path / "per_pair.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows([good, failed, good | {"pair": "S03"}])
+    text = path.read_text()
+    path.write_text(text[: text.rindex("S03") + 12])  # torn inside the last row
+    rows = read_rows(path)
+    assert set(rows) == {"S01", "S02"} and rows["S02"]["reason"] == "x: empty"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,3 +771,24 @@ def test_trainer_killed_mid_epoch_resumes_and_ends_with_the_same_epochs(tmp_path
     assert json.loads(out.with_suffix(".json").read_text())["epochs"] == 3
     assert not (run_dir / "backup").exists()
     assert not list(run_dir.glob("*.part*")) and not list(out.parent.glob("*.part"))
+
+
+def test_trainer_history_is_trimmed_to_where_the_backup_resumes(tmp_path):
+    """What the rerun does before fit: rows of epochs the backup does not cover are dropped (they
+    are trained again), a fresh start drops the old history, a damaged backup is a clear error."""
+    from NetworkTrainer import resume_epoch, trim_history
+
+    backup, history = tmp_path / "backup", tmp_path / "history.csv"
+    assert resume_epoch(backup) == 0
+    backup.mkdir()
+    (backup / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    assert resume_epoch(backup) == 2
+    history.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
+    trim_history(history, 2)
+    assert history.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
+    trim_history(history, 0)
+    assert not history.exists()
+    (backup / "training_metadata.json").write_text('{"epo')  # killed while writing it
+    with pytest.raises(InputError) as caught:
+        resume_epoch(backup)
+    assert "training_metadata.json" in str(caught.value) and "damaged" in str(caught.value)
