@@ -10,15 +10,17 @@ Pairs come from two kinds of source (either or both):
                   (exposure, colour, illumination, blur, noise, JPEG) on both images.
 
 --write-sample DIR writes SAMPLE_PAIRS such synthetic pairs as a FIRE-layout folder instead (how
-data/sample was made: ``python DatasetCreator.py --write-sample data/sample``).
+data/sample was made: ``python DatasetCreator.py --write-sample data/sample --synth-size 768``).
 
 From each pair, SAMPLES_PER_PAIR patch pairs of PATCH_SIZE px are cut at the SAME place of the
 fixed and moving views, the way Network.NetRegistrar will see them:
     coarse samples: both whole images as PATCH_SIZE squares (Network.square_view); the moving one
         either as it is (the first look, large motion: sample 0 of every pair) or pre-warped by a
         random estimate, far from or near the truth (what later iterations see);
-    fine samples: views of FINE_SIZE_MIN..FINE_SIZE_MAX px, the moving one pre-warped close to the
-        fixed one, patches inside the fixed field of view (rejecting any that reaches outside).
+    fine samples (1 - COARSE_SHARE of them; none by default, since the default fine stage of
+        Network.NetRegistrar is phase correlation, not the network): views of FINE_SIZE_MIN..
+        FINE_SIZE_MAX px, the moving one pre-warped close to the fixed one, patches inside the
+        fixed field of view (rejecting any that reaches outside).
 Each target is ``fixedpatch_from_movingpatch`` in normalised patch coordinates (Network.py).
 
 Output (OUT): shards ``<split>-NNNN-x.npy`` (N, P, P, 2) uint8 [fixed, moving] and
@@ -56,15 +58,15 @@ FIRE = ""  # FIRE-layout folder of real pairs ("" = none)
 PHOTOS = ""  # folder of single photographs for synthetic motion ("" = none)
 RETINA = True  # also use skimage.data.retina() as a photograph
 OUT = "data/patches"
-PATCH_SIZE = 128  # = the network's INPUT_SIZE
-SYNTH_SIZE = 768  # side of synthetic pairs (px)
-PAIRS_PER_PHOTO = 96
-SAMPLES_PER_PAIR = 12
-PAIRS_PER_SHARD = 64
+PATCH_SIZE = 64  # = the network's INPUT_SIZE
+SYNTH_SIZE = 384  # side of synthetic pairs (px)
+PAIRS_PER_PHOTO = 240
+SAMPLES_PER_PAIR = 6
+PAIRS_PER_SHARD = 240
 VAL_FRACTION = 0.15  # share of photographs / FIRE pairs held out for validation
 SEED = 0
 MAX_TRANSLATION = 0.215  # FIRE pairs moving more than this fraction of the side are skipped
-COARSE_SHARE = 0.5  # share of whole-image (coarse) samples; the rest are fine patches
+COARSE_SHARE = 1.0  # share of whole-image (coarse) samples; the rest are fine patches
 LARGE_SHARE = 0.5  # share of later coarse samples pre-warped by a full-range wrong estimate
 FINE_SIZE_MIN = 256
 FINE_SIZE_MAX = 512

@@ -1,9 +1,16 @@
 """Network.py - step 2 of 4: the registration network, and how it registers a pair of images.
 
-The network is the prototype's STN-like localisation network made light: a convolutional encoder
-over the fixed and moving patches stacked as two channels, then three PARALLEL fully connected
-heads, translation (a02, a12), scale (a00, a11) and rotation (a01, a10), whose last layers start
-at the identity transform. A fourth output, ``matrix``, assembles the heads into the 2x3 matrix.
+The network is the prototype's STN-like localisation network made light and made to match:
+    encoder: by default (CORRELATION_RADIUS = -1) a siamese encoder, the same convolutions over
+        the fixed and over the moving patch, to 1/4 resolution; a global cost volume (every fixed
+        cell against every moving cell, one matrix product) and its soft-argmax read-out, the
+        displacement of every fixed cell; further convolutions over the cost volume.
+        CORRELATION_RADIUS = 0 is the prototype's early fusion (the two patches stacked as two
+        channels into one encoder); r > 0 a local cost volume of radius r.
+    heads: three PARALLEL fully connected heads, translation (a02, a12), scale (a00, a11) and
+        rotation (a01, a10), whose last layers start at the identity transform (the prototype's);
+        they see the convolutional features and the displacements.
+    A fourth output, ``matrix``, assembles the heads into the 2x3 matrix.
 
 Convention of the network's output:
     ``matrix`` is ``fixedpatch_from_movingpatch`` in NORMALISED patch coordinates: (x, y) of a
@@ -12,13 +19,15 @@ Convention of the network's output:
     ``NetRegistrar`` turns it into ``fixed_from_moving`` in the caller's file pixels.
 
 How a pair is registered (``NetRegistrar.register``), coarse to fine:
-    1. coarse: both whole images, padded square and resized to INPUT_SIZE, CLAHE; the network
-       predicts the motion; the moving view is re-warped by the estimate and the network
+    1. coarse (the network): both whole images, padded square, resized to INPUT_SIZE, CLAHE; the
+       network predicts the motion; the moving view is re-warped by the estimate and the network
        predicts the residual, COARSE_ITERATIONS times (iterative refinement).
     2. fine: both images at FINE_SIZE px, the moving one warped by the coarse estimate; up to
-       FINE_PATCHES patches inside the fixed field of view each predict a local residual; each is
-       taken back to full-image coordinates (the prototype's ``t_global`` formula) and ONE affine
-       is fitted, robustly, to the points the patches move (least median of squares).
+       FINE_PATCHES patches inside the fixed field of view each estimate a local residual, by
+       phase correlation (REFINE = phase: closed form, sub-pixel, translation only) or by the
+       network (REFINE = net); each is taken back to full-image coordinates (the prototype's
+       ``t_global`` formula) and ONE affine is fitted, robustly, to the points the patches move
+       (least median of squares), FINE_ITERATIONS times. Optionally POLISH_ITERATIONS of ECC.
     3. confidence: normalised cross-correlation of fixed and warped moving images in the fixed
        field of view at the fine size (a misregistered pair correlates poorly).
 
@@ -43,19 +52,22 @@ from common import (
 )
 
 # Architecture (the defaults of build_network)
-INPUT_SIZE = 128  # patch side in pixels
-WIDTHS = "16,24,32,48,64"  # channels of the encoder's stride-2 stages (comma separated)
+INPUT_SIZE = 64  # patch side in pixels (the coarse pass sees the whole image at this size)
+WIDTHS = "16,32,48,64"  # channels of the encoder's stride-2 stages (comma separated)
 HEAD_WIDTH = 128  # units of each head's two hidden layers
 DROPOUT = 0.2
-CORRELATION_RADIUS = 0  # 0: stacked patches (prototype); r > 0: siamese encoder + cost volume
+CORRELATION_RADIUS = -1  # 0: stacked patches (prototype); r > 0: siamese encoder + cost volume
+# of displacements up to r cells; -1: siamese encoder + global (all pairs) cost volume
+SIAMESE_STAGES = 2  # with a cost volume: encoder stages shared by both patches before it
 # Registration procedure (the defaults of NetRegistrar)
-COARSE_ITERATIONS = 3
+COARSE_ITERATIONS = 2
 FINE_SIZE = 384  # 0 = coarse only
-FINE_PATCHES = 9
-FINE_ITERATIONS = 1
+FINE_PATCHES = 12
+FINE_PATCH = 128  # side of the fine patches with REFINE = phase (with net: INPUT_SIZE)
+FINE_ITERATIONS = 3
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
-AGGREGATE = "lmeds"  # how patch estimates combine: lmeds (robust fit) or mean (the prototype's)
+AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
 THREADS = 2
 # `python Network.py`: time this many patches
 TIME_PATCHES = 200
@@ -102,9 +114,12 @@ class CornerLoss(keras.losses.Loss):
 
 
 def _head(features, name, bias, head_width, dropout):
-    x = keras.layers.Dense(head_width, activation="relu", name=f"{name}_fc1")(features)
+    """FC -> Dropout -> FC -> FC 2, the prototype's head. Leaky ReLU, not ReLU: with the last layer
+    starting at zero, plain ReLU heads died early in training here (the rotation head's units all
+    went negative and it kept predicting 0 for every pair)."""
+    x = keras.layers.Dense(head_width, activation="leaky_relu", name=f"{name}_fc1")(features)
     x = keras.layers.Dropout(dropout, name=f"{name}_dropout")(x)
-    x = keras.layers.Dense(head_width, activation="relu", name=f"{name}_fc2")(x)
+    x = keras.layers.Dense(head_width, activation="leaky_relu", name=f"{name}_fc2")(x)
     return keras.layers.Dense(
         2,
         name=name,
@@ -152,6 +167,46 @@ class Correlation(keras.layers.Layer):
         return {**super().get_config(), "radius": self.radius}
 
 
+@keras.saving.register_keras_serializable(package="fundusreg")
+class GlobalCorrelation(keras.layers.Layer):
+    """All-pairs cost volume (DGC-Net's global correlation): for every fixed cell, its correlation
+    with every moving cell; (B, H, W, C) x2 -> (B, H, W, H * W). One batched matrix product, so
+    any displacement is seen, however large."""
+
+    def call(self, fixed, moving):
+        ops = keras.ops
+        h, w, c = fixed.shape[1], fixed.shape[2], fixed.shape[3]
+        f = ops.reshape(fixed, (-1, h * w, c))
+        m = ops.reshape(moving, (-1, h * w, c))
+        return ops.reshape(ops.matmul(f, ops.transpose(m, (0, 2, 1))), (-1, h, w, h * w))
+
+
+@keras.saving.register_keras_serializable(package="fundusreg")
+class SoftArgmaxFlow(keras.layers.Layer):
+    """Global cost volume (B, H, W, H * W) -> displacement of every fixed cell (B, H, W, 2), in
+    normalised coordinates: the softmax-weighted mean position of the moving cells it matches,
+    minus its own position. A differentiable, closed-form read-out of the matches, from which an
+    affine is a linear function: the heads learn it fast."""
+
+    def __init__(self, temperature=20.0, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, cost):
+        ops = keras.ops
+        h, w = cost.shape[1], cost.shape[2]
+        ys, xs = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+        grid = ops.convert_to_tensor(np.stack([xs, ys], -1).reshape(h * w, 2).astype("float32"))
+        weights = ops.softmax(cost * self.temperature, axis=-1)
+        matched = ops.reshape(
+            ops.matmul(ops.reshape(weights, (-1, h * w, h * w)), grid), (-1, h, w, 2)
+        )
+        return matched - ops.reshape(grid, (1, h, w, 2))
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
 def _stage(x, width, name):
     """Conv 3x3 stride 2, then conv 3x3 stride 1, each with BatchNorm and ReLU."""
     for stride in (2, 1):
@@ -169,13 +224,15 @@ def build_network(
     head_width=HEAD_WIDTH,
     dropout=DROPOUT,
     correlation=CORRELATION_RADIUS,
+    siamese_stages=SIAMESE_STAGES,
 ):
     """Keras model: (B, input_size, input_size, 2) uint8-range floats (fixed, moving) -> dict of
     ``translation``, ``scale``, ``rotation`` (B, 2) and ``matrix`` (B, 2, 3), normalised coords.
 
     correlation = 0: the prototype's early fusion, one encoder over the two stacked patches.
-    correlation = r > 0: one shared (siamese) encoder of the first three stages over each patch,
-    a cost volume of displacements up to r feature cells (r * 8 px), then the other stages."""
+    correlation = r > 0: one shared (siamese) encoder of the first ``siamese_stages`` stages
+    over each patch, a cost volume of displacements up to r feature cells (r * 2^stages px),
+    then the other stages. correlation < 0: the same with a global (all pairs) cost volume."""
     widths = [int(w) for w in str(widths).split(",")]
     inputs = keras.Input((input_size, input_size, 2), name="fixed_moving")
     x = keras.layers.Rescaling(1 / 255.0, name="to_unit")(inputs)
@@ -183,17 +240,23 @@ def build_network(
     if correlation:
         single = keras.Input((input_size, input_size, 1), name="patch")
         f = single
-        for i, width in stages[:3]:
+        for i, width in stages[:siamese_stages]:
             f = _stage(f, width, f"siamese{i}")
         f = keras.layers.UnitNormalization(axis=-1, name="unit_features")(f)
         encoder = keras.Model(single, f, name="siamese_encoder")
         fixed = encoder(TakeChannel(0, name="fixed")(x))
         moving = encoder(TakeChannel(1, name="moving")(x))
-        x = Correlation(correlation, name="correlation")(fixed, moving)
-        stages = stages[3:]
+        if correlation > 0:
+            x = Correlation(correlation, name="correlation")(fixed, moving)
+        else:
+            x = GlobalCorrelation(name="correlation")(fixed, moving)
+            flow = keras.layers.Flatten(name="flow")(SoftArgmaxFlow(name="matches")(x))
+        stages = stages[siamese_stages:]
     for i, width in stages:
         x = _stage(x, width, f"conv{i}")
     features = keras.layers.Flatten(name="flatten")(x)
+    if correlation < 0:  # the heads see the matches' displacements beside the conv features
+        features = keras.layers.Concatenate(name="features")([features, flow])
     heads = {
         "translation": _head(features, "translation", [0.0, 0.0], head_width, dropout),
         "scale": _head(features, "scale", [1.0, 1.0], head_width, dropout),
@@ -260,6 +323,7 @@ class NetRegistrar:
         coarse_iterations=COARSE_ITERATIONS,
         fine_size=FINE_SIZE,
         fine_patches=FINE_PATCHES,
+        fine_patch=FINE_PATCH,
         fine_iterations=FINE_ITERATIONS,
         aggregate=AGGREGATE,
         refine=REFINE,
@@ -267,22 +331,33 @@ class NetRegistrar:
     ):
         import tensorflow as tf
 
-        if aggregate not in ("lmeds", "mean"):
-            raise ValueError(f"aggregate must be lmeds or mean, not {aggregate!r}")
+        if aggregate not in ("lmeds", "trimmed", "mean"):
+            raise ValueError(f"aggregate must be lmeds, trimmed or mean, not {aggregate!r}")
         if refine not in ("net", "phase"):
             raise ValueError(f"refine must be net or phase, not {refine!r}")
         self.model = model
         self.size = int(model.input_shape[1])
         self.coarse_iterations, self.fine_size = coarse_iterations, fine_size
         self.fine_patches, self.fine_iterations = fine_patches, fine_iterations
+        self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
         self.aggregate, self.refine, self.polish_iterations = aggregate, refine, polish_iterations
         spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
         self._predict = tf.function(
             lambda x: model(x, training=False)["matrix"], input_signature=[spec]
         )
-        self._window = cv2.createHanningWindow((self.size, self.size), cv2.CV_32F)
-        for batch in (1, self.fine_patches):  # warm up: trace the graph for both batch sizes
-            self._predict(np.zeros((batch, self.size, self.size, 2), np.float32))
+        self._window = cv2.createHanningWindow((self.fine_patch,) * 2, cv2.CV_32F)
+        self.warm_up()
+
+    def warm_up(self):
+        """Run the whole procedure once on a made-up pair (traces the TensorFlow graph, starts
+        OpenCV's threads), so that the clock of the first real pair measures registration."""
+        from common import GreyImage
+
+        disc = np.zeros((512, 512), np.uint8)
+        cv2.circle(disc, (256, 256), 240, 255, -1)
+        noise = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
+        image = GreyImage(cv2.GaussianBlur(noise, (0, 0), 3) & disc, (512, 512), np.eye(3))
+        self.register(image, image)
 
     def predict(self, fixed_patches, moving_patches):
         """(K, P, P) uint8 pairs -> (K, 3, 3) ``fixedpatch_from_movingpatch`` in patch pixels."""
@@ -323,7 +398,7 @@ class NetRegistrar:
     def _fine(self, fixed_view, moving_view, a):
         """Refine ``a`` (fixedview_from_movingview) with patches inside the fixed field of view;
         returns it and the confidence of the final alignment."""
-        side, p = fixed_view.shape[0], self.size
+        side, p = fixed_view.shape[0], self.fine_patch
         mask = fov_mask(fixed_view)
         corners = _patch_corners(mask, p, self.fine_patches) if side > p else []
         estimate = self.predict if self.refine == "net" else self.phase
@@ -367,12 +442,16 @@ def _patch_corners(mask, size, count):
 def _fit_patch_motions(local, corners, size, aggregate):
     """One residual affine (view pixels) from per-patch local matrices (patch pixels).
 
-    Each patch moves a 3x3 grid of its own points by its local matrix, taken back to view pixels
-    (``t_global = t_local + (l, t) - L (l, t)``); a least-median-of-squares affine through all
-    those point pairs ignores patches that went wrong."""
-    grid = np.stack(np.meshgrid([0, size / 2, size - 1], [0, size / 2, size - 1]), -1).reshape(
-        -1, 2
-    )
+    Each patch moves its own points by its local matrix, taken back to view pixels
+    (``t_global = t_local + (l, t) - L (l, t)``): its centre alone when the local matrices are
+    translations (phase correlation: one independent measurement per patch), else a 3x3 grid.
+    ``lmeds`` fits one affine through those point pairs by least median of squares (patches that
+    went wrong are ignored), ``trimmed`` by least squares, refitted without the points that the first fit leaves more
+    than max(1.5 px, 2.5 x the median residual) away, ``mean`` averages the patches'
+    full-image matrices (the prototype's aggregate)."""
+    translations_only = np.allclose(local[:, :2, :2], np.eye(2))
+    ticks = [size / 2] if translations_only else [0, size / 2, size - 1]
+    grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)
     src, dst = [], []
     for m, (left, top) in zip(local, corners):
         src.append(grid + (left, top))
@@ -381,6 +460,8 @@ def _fit_patch_motions(local, corners, size, aggregate):
     fit = None
     if aggregate == "lmeds" and len(corners) >= 3:
         fit, _ = cv2.estimateAffine2D(src, dst, method=cv2.LMEDS)
+    if aggregate == "trimmed" and len(corners) >= 3:
+        fit = _trimmed_fit(src, dst)
     if fit is None:  # the prototype's mean of the patches' full-image matrices
         from common import global_from_local
 
@@ -414,6 +495,20 @@ def _polish(fixed_view, fixed_mask, moving_view, a, iterations):
     return polished if np.all(np.isfinite(polished)) else a
 
 
+def _trimmed_fit(src, dst):
+    """Least-squares affine, refitted once without the outlying points; None if degenerate."""
+    from common import fit_affine
+
+    try:
+        fit, residual = fit_affine(src, dst)
+        keep = residual <= max(1.5, 2.5 * np.median(residual))
+        if 3 <= keep.sum() < len(src):
+            fit, _ = fit_affine(src[keep], dst[keep])
+    except ValueError:  # fewer than 3 points left, or all on one line
+        return None
+    return fit
+
+
 def _confidence(fixed, mask, warped):
     """Normalised cross-correlation of fixed and warped moving inside the fixed FOV, in [0, 1]."""
     inside = (mask > 0) & (warped > 0)
@@ -435,7 +530,12 @@ def main(args):
     tf.config.threading.set_intra_op_parallelism_threads(args.THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(args.THREADS)
     model = build_network(
-        args.INPUT_SIZE, args.WIDTHS, args.HEAD_WIDTH, args.DROPOUT, args.CORRELATION_RADIUS
+        args.INPUT_SIZE,
+        args.WIDTHS,
+        args.HEAD_WIDTH,
+        args.DROPOUT,
+        args.CORRELATION_RADIUS,
+        args.SIAMESE_STAGES,
     )
     print(f"parameters: {model.count_params():,}")
     spec = tf.TensorSpec((None, args.INPUT_SIZE, args.INPUT_SIZE, 2), tf.float32)

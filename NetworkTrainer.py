@@ -20,13 +20,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import Network
 from common import InputError, cli, exit_on_input_error, write_atomic, write_json
-from Network import CORRELATION_RADIUS, DROPOUT, HEAD_WIDTH, WIDTHS, CornerLoss, build_network
+from Network import CornerLoss, build_network
 
 DATA = "data/patches"
 OUT = "models/fundusreg.keras"
 RUN_DIR = "runs/train"
-EPOCHS = 30
+EPOCHS = 20
 BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
 HEAD_LOSS_WEIGHT = 1000.0  # MSE of normalised matrix entries is ~1e-4 where corners move ~1 px
@@ -34,10 +35,11 @@ STEPS_PER_EPOCH = 0  # 0 = one pass over the training shards
 SEED = 0
 THREADS = 0  # 0 = TensorFlow's choice
 # The network's shape (Network.build_network); the input size comes from the shards
-NET_WIDTHS = WIDTHS
-NET_HEAD_WIDTH = HEAD_WIDTH
-NET_DROPOUT = DROPOUT
-NET_CORRELATION_RADIUS = CORRELATION_RADIUS
+NET_WIDTHS = Network.WIDTHS
+NET_HEAD_WIDTH = Network.HEAD_WIDTH
+NET_DROPOUT = Network.DROPOUT
+NET_CORRELATION_RADIUS = Network.CORRELATION_RADIUS
+NET_SIAMESE_STAGES = Network.SIAMESE_STAGES
 
 
 def read_manifest(data):
@@ -202,6 +204,17 @@ def best_so_far(history_csv):
     return float(np.nanmin(rows["val_loss"]))
 
 
+def export_model(checkpoint, out):
+    """The best checkpoint without its optimizer state (a third of the size), written atomically:
+    what Testing.py loads (safe mode, no compile)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = keras.saving.load_model(checkpoint, compile=False, safe_mode=True)
+    tmp = out.with_name(out.stem + ".part.keras")
+    model.save(tmp)
+    tmp.replace(out)
+
+
 def main(args):
     import tensorflow as tf
 
@@ -225,6 +238,7 @@ def main(args):
             args.NET_HEAD_WIDTH,
             args.NET_DROPOUT,
             args.NET_CORRELATION_RADIUS,
+            args.NET_SIAMESE_STAGES,
         )
         schedule = keras.optimizers.schedules.CosineDecay(
             args.LEARNING_RATE, args.EPOCHS * steps, alpha=0.02
@@ -273,7 +287,7 @@ def main(args):
     if not best.exists():
         raise InputError(best, "training produced no checkpoint (no finite validation loss)")
     out = Path(args.OUT)
-    write_atomic(out, best.read_bytes())
+    export_model(best, out)
     write_json(
         out.with_suffix(".json"),
         {

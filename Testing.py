@@ -57,13 +57,14 @@ OUT = "results/sample"
 THREADS = 2
 FIGURES = True  # per-pair figures (fixed / moving / warped / overlay)
 RESUME = True  # keep finished rows of an existing per_pair.csv
-COARSE_ITERATIONS = 3
+COARSE_ITERATIONS = 2
 FINE_SIZE = 384
-FINE_PATCHES = 9
-FINE_ITERATIONS = 1
+FINE_PATCHES = 12
+FINE_PATCH = 128
+FINE_ITERATIONS = 3
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
-AGGREGATE = "lmeds"  # how patch estimates combine: lmeds (robust) or mean (the prototype's)
+AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
 
 COLUMNS = ["pair", "category", "error_px", "seconds", "m00", "m01", "m02", "m10", "m11", "m12"]
 COLUMNS += ["confidence", "inaccurate", "reason"]
@@ -95,6 +96,7 @@ def make_method(name, args):
             args.COARSE_ITERATIONS,
             args.FINE_SIZE,
             args.FINE_PATCHES,
+            args.FINE_PATCH,
             args.FINE_ITERATIONS,
             args.AGGREGATE,
             args.REFINE,

@@ -1,0 +1,82 @@
+"""The shipped model registers new retina-made pairs with a known motion; settings stay in step."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import DatasetCreator
+import Network
+import Testing
+from common import cli
+
+MODEL = "models/fundusreg.keras"
+# Bounds on the FIRE error (px, 768-px images) of the generated pairs with the shipped model: each
+# pair, and their median. Measured: 0.4 to 1.7 px, and 4.5 px for the hardest P pair (large motion,
+# partial overlap). The pairs carry a smooth non-affine distortion (even the best affine leaves
+# ~0.5 px).
+MAX_ERROR_PX = 6.0
+MAX_MEDIAN_PX = 2.0
+
+
+def test_testing_defaults_are_the_networks():
+    for name in ("COARSE_ITERATIONS", "FINE_SIZE", "FINE_PATCHES", "FINE_PATCH", "FINE_ITERATIONS"):
+        assert getattr(Testing, name) == getattr(Network, name), name
+    for name in ("REFINE", "POLISH_ITERATIONS", "AGGREGATE"):
+        assert getattr(Testing, name) == getattr(Network, name), name
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """Six new pairs (S, P, A twice) from skimage.data.retina(), another seed than data/sample."""
+    root = tmp_path_factory.mktemp("fire")
+    argv = [
+        "--write-sample",
+        str(root),
+        "--sample-pairs",
+        "6",
+        "--seed",
+        "7",
+        "--synth-size",
+        "768",
+    ]
+    DatasetCreator.main(cli(vars(DatasetCreator), "", argv))
+    return root
+
+
+def test_shipped_model_recovers_known_motions(generated, root, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "Testing.py", "--data", str(generated), "--method", "net"]
+    command += ["--model", MODEL, "--out", str(out), "--figures", "false"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out / "per_pair.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    errors = {r["pair"]: float(r["error_px"]) for r in rows}
+    assert max(errors.values()) < MAX_ERROR_PX, errors
+    assert np.median(list(errors.values())) < MAX_MEDIAN_PX, errors
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["inaccurate"] == 0
+    assert summary["mAUC"] > 0.85
+    assert all(0 <= float(r["confidence"]) <= 1 for r in rows)
+    # the matrix in per_pair.csv is the one that gives that error
+    from common import fire_error, read_fire
+
+    pairs = {p.pair: p for p in read_fire(generated)}
+    for r in rows:
+        m = np.array([[float(r[f"m{i}{j}"]) for j in range(3)] for i in range(2)])
+        assert fire_error(m, pairs[r["pair"]].points) == pytest.approx(errors[r["pair"]], abs=1e-3)
+
+
+def test_network_script_reports_size_and_time(root):
+    command = [sys.executable, "Network.py", "--time-patches", "8"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "parameters:" in done.stdout and "ms" in done.stdout
