@@ -445,10 +445,10 @@ def _fit_patch_motions(local, corners, size, aggregate):
     Each patch moves its own points by its local matrix, taken back to view pixels
     (``t_global = t_local + (l, t) - L (l, t)``): its centre alone when the local matrices are
     translations (phase correlation: one independent measurement per patch), else a 3x3 grid.
-    ``lmeds`` fits one affine through those point pairs by least median of squares (patches that
-    went wrong are ignored), ``trimmed`` by least squares, refitted without the points that the first fit leaves more
-    than max(1.5 px, 2.5 x the median residual) away, ``mean`` averages the patches'
-    full-image matrices (the prototype's aggregate)."""
+    One affine goes through those point pairs: ``trimmed`` by least squares, refitted without
+    the points that the first fit leaves more than max(1.5 px, 2.5 x the median residual) away;
+    ``lmeds`` by least median of squares; ``mean`` averages the patches' full-image matrices
+    (the prototype's aggregate)."""
     translations_only = np.allclose(local[:, :2, :2], np.eye(2))
     ticks = [size / 2] if translations_only else [0, size / 2, size - 1]
     grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)
