@@ -478,6 +478,23 @@ def test_testing_batch_records_bad_pairs_and_goes_on(batch, images, method):
     assert not list(out.rglob("*.part*"))
 
 
+def test_comparison_table_and_figure_are_written(batch):
+    proc, out, expected, data = batch
+    with open(out / "comparison.csv", newline="") as f:
+        table = {row["method"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"sift", "m"}
+    for column in ("mAUC", "AUC_S", "AUC_P", "AUC_A", "median_error_px", "failed", "inaccurate",
+                   "median_seconds", "p90_seconds", "speedup_vs_fastest_classical"):  # fmt: skip
+        assert column in table["sift"], column
+    assert float(table["sift"]["speedup_vs_fastest_classical"]) == 1.0  # sift is the only one
+    summary = json.loads((out / "sift" / "summary.json").read_text())
+    assert float(table["sift"]["mAUC"]) == pytest.approx(summary["mAUC"], abs=1e-3)
+    markdown = (out / "comparison.md").read_text()
+    assert markdown.startswith("| method | mAUC |") and "| sift |" in markdown
+    assert "2 CPU threads for every method" in markdown
+    assert (out / "success_rate.png").stat().st_size > 5000
+
+
 def test_testing_batch_of_only_bad_pairs_still_summarises(images, tmp_path):
     """Every pair fails and none is of category S, P or A (no AUC, no timing): still a summary."""
     files, _ = images
