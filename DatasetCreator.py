@@ -14,7 +14,7 @@ data/sample was made: ``python DatasetCreator.py --write-sample data/sample --sy
 
 From each pair, SAMPLES_PER_PAIR patch pairs of PATCH_SIZE px are cut at the SAME place of the
 fixed and moving views, the way Network.NetRegistrar will see them:
-    coarse samples: both whole images as PATCH_SIZE squares (Network.square_view); the moving one
+    coarse samples: both whole images as PATCH_SIZE squares (common.square_view); the moving one
         either as it is (the first look, large motion: sample 0 of every pair) or pre-warped by a
         random estimate, far from or near the truth (what later iterations see);
     fine samples (1 - COARSE_SHARE of them; none by default, since the default fine stage of
@@ -47,12 +47,12 @@ from common import (
     norm_from_pixels,
     read_fire,
     read_image,
+    square_view,
     to3x3,
     translation,
     write_atomic,
     write_json,
 )
-from Network import square_view
 
 FIRE = ""  # FIRE-layout folder of real pairs ("" = none)
 PHOTOS = ""  # folder of single photographs for synthetic motion ("" = none)

@@ -47,8 +47,8 @@ from common import (
     fov_mask,
     norm_from_pixels,
     scale_matrix,
+    square_view,
     to3x3,
-    translation,
 )
 
 # Architecture (the defaults of build_network)
@@ -283,31 +283,6 @@ def load_network(path):
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many types for a bad archive
         raise InputError(path, f"cannot load the model ({type(e).__name__})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Preprocessing shared by training data and registration
-
-
-_CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
-
-
-def square_view(grey, size):
-    """Pad a grey image to a centred square and resize it to size x size, then CLAHE.
-
-    Returns (view uint8, view_from_image 3x3)."""
-    h, w = grey.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    padded = cv2.copyMakeBorder(
-        grey, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT
-    )
-    view = cv2.resize(padded, (size, size), interpolation=cv2.INTER_AREA)
-    return _CLAHE.apply(view), scale_matrix(size / side) @ translation(left, top)
-
-
-def pixels_from_norm(size):
-    return np.linalg.inv(norm_from_pixels(size))
 
 
 # ----------------------------------------------------------------------------------------------

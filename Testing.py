@@ -358,6 +358,7 @@ def comparison(out, summaries, errors_by_method):
 
 def run_folder(args, methods):
     pairs = read_fire(args.DATA)
+    set_threads(args.THREADS, any(m not in CLASSICAL for m in methods))  # after the checks
     out = Path(args.OUT)
     summaries, errors = [], {}
     for name in methods:
@@ -379,6 +380,7 @@ def run_pair(args, methods):
     if len(methods) != 1:
         raise InputError(args.METHOD, "give one method for a single pair")
     fixed, moving = read_image(args.FIXED), read_image(args.MOVING)
+    set_threads(args.THREADS, any(m not in CLASSICAL for m in methods))  # after the checks
     label, register = make_method(methods[0], args)
     result, seconds = timed(register, fixed, moving)
     out = Path(args.OUT)
@@ -421,7 +423,6 @@ def run_pair(args, methods):
 
 def main(args):
     methods = [m.strip() for m in args.METHOD.split(",") if m.strip()]
-    set_threads(args.THREADS, any(m not in CLASSICAL for m in methods))
     if bool(args.FIXED) != bool(args.MOVING):
         raise InputError("--fixed/--moving", "give both images of the pair")
     if args.FIXED:

@@ -151,6 +151,22 @@ class Registration:
     reason: str = None
 
 
+_CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+
+
+def square_view(grey, size):
+    """The network's view of an image (training data and registration alike): padded to a
+    centred square, resized to size x size, CLAHE. Returns (view uint8, view_from_image 3x3)."""
+    h, w = grey.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded = cv2.copyMakeBorder(
+        grey, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT
+    )
+    view = cv2.resize(padded, (size, size), interpolation=cv2.INTER_AREA)
+    return _CLAHE.apply(view), scale_matrix(size / side) @ translation(left, top)
+
+
 # ----------------------------------------------------------------------------------------------
 # Affine geometry
 
