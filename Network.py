@@ -62,8 +62,8 @@ SIAMESE_STAGES = 2  # with a cost volume: encoder stages shared by both patches 
 # Registration procedure (the defaults of NetRegistrar)
 COARSE_ITERATIONS = 2
 FINE_SIZE = 384  # 0 = coarse only
-FINE_PATCHES = 12
-FINE_PATCH = 128  # side of the fine patches with REFINE = phase (with net: INPUT_SIZE)
+FINE_PATCHES = 40
+FINE_PATCH = 64  # side of the fine patches with REFINE = phase (with net: INPUT_SIZE)
 FINE_ITERATIONS = 3
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)

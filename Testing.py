@@ -59,8 +59,8 @@ FIGURES = True  # per-pair figures (fixed / moving / warped / overlay)
 RESUME = True  # keep finished rows of an existing per_pair.csv
 COARSE_ITERATIONS = 2
 FINE_SIZE = 384
-FINE_PATCHES = 12
-FINE_PATCH = 128
+FINE_PATCHES = 40
+FINE_PATCH = 64
 FINE_ITERATIONS = 3
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)

@@ -16,11 +16,10 @@ from common import cli
 
 MODEL = "models/fundusreg.keras"
 # Bounds on the FIRE error (px, 768-px images) of the generated pairs with the shipped model: each
-# pair, and their median. Measured: 0.4 to 1.7 px, and 4.5 px for the hardest P pair (large motion,
-# partial overlap). The pairs carry a smooth non-affine distortion (even the best affine leaves
-# ~0.5 px).
-MAX_ERROR_PX = 6.0
-MAX_MEDIAN_PX = 2.0
+# pair, and their median. Measured: 0.23 to 0.74 px (median 0.45). The pairs carry a smooth
+# non-affine distortion, so even the best affine leaves some error.
+MAX_ERROR_PX = 3.0
+MAX_MEDIAN_PX = 1.0
 
 
 def test_testing_defaults_are_the_networks():
@@ -63,7 +62,7 @@ def test_shipped_model_recovers_known_motions(generated, root, tmp_path):
     assert np.median(list(errors.values())) < MAX_MEDIAN_PX, errors
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == 0 and summary["inaccurate"] == 0
-    assert summary["mAUC"] > 0.85
+    assert summary["mAUC"] > 0.9
     assert all(0 <= float(r["confidence"]) <= 1 for r in rows)
     # the matrix in per_pair.csv is the one that gives that error
     from common import fire_error, read_fire
