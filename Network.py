@@ -27,7 +27,8 @@ How a pair is registered (``NetRegistrar.register``), coarse to fine:
        phase correlation (REFINE = phase: closed form, sub-pixel, translation only) or by the
        network (REFINE = net); each is taken back to full-image coordinates (the prototype's
        ``t_global`` formula) and ONE affine is fitted, robustly, to the points the patches move
-       (least median of squares), FINE_ITERATIONS times. Optionally POLISH_ITERATIONS of ECC.
+       (AGGREGATE: least squares refitted without outliers by default), FINE_ITERATIONS times.
+       Optionally POLISH_ITERATIONS of ECC.
     3. confidence: normalised cross-correlation of fixed and warped moving images in the fixed
        field of view at the fine size (a misregistered pair correlates poorly).
 
@@ -41,10 +42,14 @@ import keras
 import numpy as np
 
 from common import (
+    GreyImage,
+    InputError,
     Registration,
     cli,
     exit_on_input_error,
+    fit_affine,
     fov_mask,
+    global_from_local,
     norm_from_pixels,
     scale_matrix,
     square_view,
@@ -271,8 +276,6 @@ def load_network(path):
     import zipfile
     from pathlib import Path
 
-    from common import InputError
-
     if not str(path).endswith(".keras"):
         raise InputError(path, "not a .keras model file")
     if not Path(path).is_file():
@@ -329,8 +332,6 @@ class NetRegistrar:
     def warm_up(self):
         """Run the whole procedure once on a made-up pair (traces the TensorFlow graph, starts
         OpenCV's threads), so that the clock of the first real pair measures registration."""
-        from common import GreyImage
-
         disc = np.zeros((512, 512), np.uint8)
         cv2.circle(disc, (256, 256), 240, 255, -1)
         noise = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
@@ -441,8 +442,6 @@ def _fit_patch_motions(local, corners, size, aggregate):
     if aggregate == "trimmed" and len(corners) >= 3:
         fit = _trimmed_fit(src, dst)
     if fit is None:  # the prototype's mean of the patches' full-image matrices
-        from common import global_from_local
-
         fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
     return to3x3(fit)
 
@@ -475,8 +474,6 @@ def _polish(fixed_view, fixed_mask, moving_view, a, iterations):
 
 def _trimmed_fit(src, dst):
     """Least-squares affine, refitted once without the outlying points; None if degenerate."""
-    from common import fit_affine
-
     try:
         fit, residual = fit_affine(src, dst)
         keep = residual <= max(1.5, 2.5 * np.median(residual))
