@@ -23,14 +23,21 @@ How a pair is registered (``NetRegistrar.register``), coarse to fine:
        network predicts the motion; the moving view is re-warped by the estimate and the network
        predicts the residual, COARSE_ITERATIONS times (iterative refinement).
     2. fine: both images at FINE_SIZE px, the moving one warped by the coarse estimate; up to
-       FINE_PATCHES patches inside the fixed field of view each estimate a local residual, by
+       FINE_PATCHES patches where the two fields of view overlap each estimate a local residual, by
        phase correlation (REFINE = phase: closed form, sub-pixel, translation only) or by the
        network (REFINE = net); each is taken back to full-image coordinates (the prototype's
        ``t_global`` formula) and ONE affine is fitted, robustly, to the points the patches move
        (AGGREGATE: least squares refitted without outliers by default), FINE_ITERATIONS times.
        Optionally POLISH_ITERATIONS of ECC.
-    3. confidence: normalised cross-correlation of fixed and warped moving images in the fixed
-       field of view at the fine size (a misregistered pair correlates poorly).
+    3. confidence: the share of patches whose motion, measured in the last fine iteration, agrees
+       with the fitted affine within AGREE_PX fine-view pixels. Right, the patches all tell one
+       story; wrong, they measure unrelated shifts and few agree. Below RETRY_BELOW, registration
+       is retried until a result is confident, keeping the most confident: first the fine stage
+       from the identity (the network's guess can be wrong where the images differ most in
+       appearance, and a small motion is within the patches' own reach), then the network from
+       8 starts shifted by RETRY_SHIFT of the side (a motion beyond the network's training range).
+       Without patches (FINE_SIZE too small) it is the normalised cross-correlation of the fixed
+       and warped moving views in the fixed field of view.
 
 Run ``python Network.py`` to print the default network's parameter count and CPU time per patch.
 """
@@ -54,6 +61,7 @@ from common import (
     scale_matrix,
     square_view,
     to3x3,
+    translation,
 )
 
 # Architecture (the defaults of build_network)
@@ -73,6 +81,10 @@ FINE_ITERATIONS = 3
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
+AGREE_PX = 3.0  # a patch agrees with the fitted affine within this many fine-view pixels
+RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, then the
+# network from 8 starts shifted by RETRY_SHIFT of the side (until one is confident)
+RETRY_SHIFT = 0.25  # 0 = no shifted starts
 THREADS = 2
 # `python Network.py`: time this many patches
 TIME_PATCHES = 200
@@ -306,6 +318,9 @@ class NetRegistrar:
         aggregate=AGGREGATE,
         refine=REFINE,
         polish_iterations=POLISH_ITERATIONS,
+        agree_px=AGREE_PX,
+        retry_below=RETRY_BELOW,
+        retry_shift=RETRY_SHIFT,
     ):
         import tensorflow as tf
 
@@ -319,6 +334,15 @@ class NetRegistrar:
         self.fine_patches, self.fine_iterations = fine_patches, fine_iterations
         self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
         self.aggregate, self.refine, self.polish_iterations = aggregate, refine, polish_iterations
+        self.agree_px, self.retry_below = agree_px, retry_below
+        # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
+        # in 8 directions, which puts a larger motion back within the network's training range
+        step = retry_shift * self.size
+        self._starts = [
+            translation(dx * step, dy * step)
+            for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]
+            if step
+        ]
         spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
 
         def matrix(x):
@@ -356,46 +380,69 @@ class NetRegistrar:
 
     def register(self, fixed, moving):
         """GreyImage pair -> Registration with ``fixed_from_moving`` in file pixels."""
-        fixed_view, view_from_fixed = square_view(fixed.pixels, self.size)
-        moving_view, view_from_moving = square_view(moving.pixels, self.size)
-        a = np.eye(3)  # fixedview_from_movingview, refined in place
-        for _ in range(self.coarse_iterations):
-            warped = cv2.warpAffine(moving_view, a[:2], (self.size, self.size))
-            a = self.predict(fixed_view[None], warped[None])[0] @ a
-        if self.fine_size:
-            ratio = scale_matrix(self.fine_size / self.size)
-            a = ratio @ a @ np.linalg.inv(ratio)
-            fixed_view, view_from_fixed = square_view(fixed.pixels, self.fine_size)
-            moving_view, view_from_moving = square_view(moving.pixels, self.fine_size)
-        a, confidence = self._fine(fixed_view, moving_view, a)
+        coarse = [square_view(image.pixels, self.size)[0] for image in (fixed, moving)]
+        fine_size = self.fine_size or self.size
+        (fixed_view, view_from_fixed), (moving_view, view_from_moving) = (
+            square_view(image.pixels, fine_size) for image in (fixed, moving)
+        )
+        fine = (fixed_view, moving_view, fov_mask(fixed_view), fov_mask(moving_view))
+        a, confidence = self._attempt(coarse, fine, np.eye(3), self.coarse_iterations)
+        if confidence < self.retry_below and self.coarse_iterations:
+            # the patches from the identity, then the network from shifted starts
+            tries = [(np.eye(3), 0)] + [(start, self.coarse_iterations) for start in self._starts]
+            for start, passes in tries:
+                retry, retry_confidence = self._attempt(coarse, fine, start, passes)
+                if retry_confidence > confidence:
+                    a, confidence = retry, retry_confidence
+                if confidence >= self.retry_below:
+                    break
         file_from_fixed = np.linalg.inv(view_from_fixed @ fixed.decoded_from_file)
         matrix = file_from_fixed @ a @ view_from_moving @ moving.decoded_from_file
         if not np.all(np.isfinite(matrix)):
             return Registration(None, 0.0, "network returned a non-finite matrix")
         return Registration(matrix[:2], confidence)
 
-    def _fine(self, fixed_view, moving_view, a):
-        """Refine ``a`` (fixedview_from_movingview) with patches inside the fixed field of view;
-        returns it and the confidence of the final alignment."""
+    def _attempt(self, coarse, fine, start, passes):
+        """From ``start`` (coarse fixedview_from_movingview): ``passes`` of the network, then the
+        fine stage. Returns (fine fixedview_from_movingview, confidence)."""
+        fixed_view, moving_view = coarse
+        a = start
+        for _ in range(passes):
+            warped = cv2.warpAffine(moving_view, a[:2], (self.size, self.size))
+            a = self.predict(fixed_view[None], warped[None])[0] @ a
+        ratio = scale_matrix(fine[0].shape[0] / self.size)
+        return self._fine(*fine, ratio @ a @ np.linalg.inv(ratio))
+
+    def _fine(self, fixed_view, moving_view, fixed_mask, moving_mask, a):
+        """Refine ``a`` (fixedview_from_movingview) with patches where both fields of view
+        overlap under the current estimate; returns it and its confidence (module docstring)."""
         side, p = fixed_view.shape[0], self.fine_patch
-        mask = fov_mask(fixed_view)
-        corners = _patch_corners(mask, p, self.fine_patches) if side > p else []
         estimate = self.predict if self.refine == "net" else self.phase
-        for _ in range(self.fine_iterations if corners else 0):
+        agreement = None
+        for _ in range(self.fine_iterations if side > p else 0):
             warped = cv2.warpAffine(moving_view, a[:2], (side, side))
+            seen = cv2.warpAffine(moving_mask, a[:2], (side, side), flags=cv2.INTER_NEAREST)
+            corners = _patch_corners(fixed_mask & seen, p, self.fine_patches)
+            if len(corners) < 3:  # (almost) no overlap: nothing to measure, nothing to trust
+                agreement = 0.0
+                break
             fixed_patches = np.stack([fixed_view[y : y + p, x : x + p] for x, y in corners])
             moving_patches = np.stack([warped[y : y + p, x : x + p] for x, y in corners])
             local = estimate(fixed_patches, moving_patches)
-            a = _fit_patch_motions(local, corners, p, self.aggregate) @ a
+            update, residual = _fit_patch_motions(local, corners, p, self.aggregate)
+            a = update @ a
+            agreement = float(np.mean(residual <= self.agree_px))
         if self.polish_iterations:
-            a = _polish(fixed_view, mask, moving_view, a, self.polish_iterations)
+            a = _polish(fixed_view, fixed_mask, moving_view, a, self.polish_iterations)
+        if agreement is not None:
+            return a, agreement
         warped = cv2.warpAffine(moving_view, a[:2], (side, side))
-        return a, _confidence(fixed_view, mask, warped)
+        return a, _ncc(fixed_view, fixed_mask, warped)
 
 
 def _patch_corners(mask, size, count):
     """Top-left corners (left, top) of up to ``count`` patches on a regular grid that lie inside
-    the field of view (all four corners and the centre of the patch in the mask)."""
+    the mask (all four corners and the centre of the patch in it)."""
     side = mask.shape[0]
     steps = max(2, int(np.ceil(np.sqrt(count))) + 1)
     candidates = np.linspace(0, side - size, steps + 1).round().astype(int)
@@ -419,7 +466,8 @@ def _patch_corners(mask, size, count):
 
 
 def _fit_patch_motions(local, corners, size, aggregate):
-    """One residual affine (view pixels) from per-patch local matrices (patch pixels).
+    """One residual affine (view pixels) from per-patch local matrices (patch pixels), and how far
+    each patch's motion is from it (pixels, the worst of the patch's points).
 
     Each patch moves its own points by its local matrix, taken back to view pixels
     (``t_global = t_local + (l, t) - L (l, t)``): its centre alone when the local matrices are
@@ -430,12 +478,11 @@ def _fit_patch_motions(local, corners, size, aggregate):
     (the prototype's aggregate)."""
     translations_only = np.allclose(local[:, :2, :2], np.eye(2))
     ticks = [size / 2] if translations_only else [0, size / 2, size - 1]
-    grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)
-    src, dst = [], []
-    for m, (left, top) in zip(local, corners):
-        src.append(grid + (left, top))
-        dst.append(grid @ m[:2, :2].T + m[:2, 2] + (left, top))
-    src, dst = np.concatenate(src).astype(np.float32), np.concatenate(dst).astype(np.float32)
+    grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2) in patch pixels
+    origin = np.asarray(corners, np.float64)[:, None, :]  # (K, 1, 2): each patch's (left, top)
+    moved = grid @ local[:, :2, :2].transpose(0, 2, 1) + local[:, None, :2, 2]  # (K, G, 2)
+    src = (grid + origin).reshape(-1, 2).astype(np.float32)
+    dst = (moved + origin).reshape(-1, 2).astype(np.float32)
     fit = None
     if aggregate == "lmeds" and len(corners) >= 3:
         fit, _ = cv2.estimateAffine2D(src, dst, method=cv2.LMEDS)
@@ -443,7 +490,9 @@ def _fit_patch_motions(local, corners, size, aggregate):
         fit = _trimmed_fit(src, dst)
     if fit is None:  # the prototype's mean of the patches' full-image matrices
         fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
-    return to3x3(fit)
+    fit = to3x3(fit)
+    miss = np.linalg.norm(src @ fit[:2, :2].T + fit[:2, 2] - dst, axis=1)
+    return fit, miss.reshape(len(corners), -1).max(axis=1)
 
 
 def _polish(fixed_view, fixed_mask, moving_view, a, iterations):
@@ -484,7 +533,7 @@ def _trimmed_fit(src, dst):
     return fit
 
 
-def _confidence(fixed, mask, warped):
+def _ncc(fixed, mask, warped):
     """Normalised cross-correlation of fixed and warped moving inside the fixed FOV, in [0, 1]."""
     inside = (mask > 0) & (warped > 0)
     if inside.sum() < 100:

@@ -14,12 +14,15 @@ Outputs of ``--data`` (per method; in OUT/<method>/ when several are given):
                    (the matrix is fixed_from_moving: moving-image pixels -> fixed-image pixels of
                    the files as given; empty cells where registration failed). Rows are written as
                    pairs finish; a rerun with RESUME keeps the rows already there.
-    summary.json   n_pairs, mAUC, AUC_S, AUC_P, AUC_A, median_error_px, failed, inaccurate,
-                   median_seconds, p90_seconds, threads. AUC = area under the success-rate curve
-                   (share of pairs with error <= t) for t in 0..25 px; mAUC = mean over the
-                   categories present; failed = no matrix; inaccurate = max error > 50 px or
-                   median error > 20 px; error = mean distance of the fixed control points to
-                   the moving ones mapped by the matrix, in full-resolution pixels.
+    summary.json   n_pairs, mAUC, AUC_S, AUC_P, AUC_A, median_error_px, failed, inaccurate, bad,
+                   low_confidence, bad_and_low_confidence, median_seconds, p90_seconds, threads.
+                   AUC = area under the success-rate curve (share of pairs with error <= t) for
+                   t in 0..25 px; mAUC = mean over the categories present; failed = no matrix;
+                   inaccurate = max error > 50 px or median error > 20 px; error = mean distance
+                   of the fixed control points to the moving ones mapped by the matrix, in
+                   full-resolution pixels; bad = failed, inaccurate or error > BAD_PX;
+                   low_confidence = confidence < LOW_CONFIDENCE (each method's own confidence:
+                   net, agreement of its patches; sift/orb, RANSAC inliers; ecc, correlation).
     figures/<pair>.png   fixed, moving, warped moving, overlay with the control points;
     success_rate.png, confidence.png (confidence against error).
 With several methods, also OUT/comparison.md, OUT/comparison.csv and OUT/success_rate.png.
@@ -65,6 +68,10 @@ FINE_ITERATIONS = 3
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
+AGREE_PX = 3.0  # net confidence: share of fine patches within this many px of the fitted affine
+RETRY_BELOW = 0.5  # net: below this confidence the fine stage also runs from the identity
+LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
+BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 
 COLUMNS = ["pair", "category", "error_px", "seconds", "m00", "m01", "m02", "m10", "m11", "m12"]
 COLUMNS += ["confidence", "inaccurate", "reason"]
@@ -93,14 +100,16 @@ def make_method(name, args):
         path = args.MODEL if name == "net" else name
         registrar = NetRegistrar(
             load_network(path),
-            args.COARSE_ITERATIONS,
-            args.FINE_SIZE,
-            args.FINE_PATCHES,
-            args.FINE_PATCH,
-            args.FINE_ITERATIONS,
-            args.AGGREGATE,
-            args.REFINE,
-            args.POLISH_ITERATIONS,
+            coarse_iterations=args.COARSE_ITERATIONS,
+            fine_size=args.FINE_SIZE,
+            fine_patches=args.FINE_PATCHES,
+            fine_patch=args.FINE_PATCH,
+            fine_iterations=args.FINE_ITERATIONS,
+            aggregate=args.AGGREGATE,
+            refine=args.REFINE,
+            polish_iterations=args.POLISH_ITERATIONS,
+            agree_px=args.AGREE_PX,
+            retry_below=args.RETRY_BELOW,
         )
         return ("net" if name == "net" else Path(name).stem), registrar.register
     raise InputError(name, "unknown method (use net, a .keras model path, sift, orb or ecc)")
@@ -199,22 +208,35 @@ def success_figure(path, errors_by_method):
     save(fig, path)
 
 
-def confidence_figure(path, rows):
+def confidence_figure(path, rows, summary, low_confidence, bad_px):
+    """Confidence against FIRE error, with the two thresholds: a useful confidence leaves the
+    upper right (confident but bad) and the lower left (good but doubted) empty. Failed pairs
+    are drawn at the top."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    errors = [float(r["error_px"]) for r in rows if r["error_px"]]
+    ceiling = max([bad_px * 4, *errors])
     for category, marker in zip("SPA", "os^"):
-        picked = [r for r in rows if r["category"] == category and r["error_px"] != ""]
+        picked = [r for r in rows if r["category"] == category and r["confidence"]]
         ax.scatter(
             [float(r["confidence"]) for r in picked],
-            [float(r["error_px"]) for r in picked],
+            [float(r["error_px"]) if r["error_px"] else ceiling for r in picked],
             marker=marker,
             label=category,
             alpha=0.7,
         )
-    if any(r["error_px"] and float(r["error_px"]) > 0 for r in rows):  # log of nothing fails
+    ax.axvline(low_confidence, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(bad_px, color="grey", linestyle=":", linewidth=1)
+    if errors and max(errors) > 0:  # log of nothing fails
         ax.set_yscale("log")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("FIRE error (px)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel(f"confidence (dashed: {low_confidence})")
+    ax.set_ylabel(f"FIRE error (px; dotted: {bad_px:g})")
+    ax.set_title(
+        f"{summary['method']}: {summary['bad']} bad, {summary['low_confidence']} low confidence, "
+        f"{summary['bad_and_low_confidence']} both",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)
@@ -262,7 +284,16 @@ def evaluate_pair(item, register, out, figures):
     return row
 
 
-def summarise(rows, threads):
+def is_bad(row, bad_px=BAD_PX):
+    """No matrix, FIRE-inaccurate, or an error past bad_px (where it adds nothing to the AUC)."""
+    return not row["error_px"] or row["inaccurate"] == "True" or float(row["error_px"]) > bad_px
+
+
+def is_low(row, low_confidence=LOW_CONFIDENCE):
+    return not row["confidence"] or float(row["confidence"]) < low_confidence
+
+
+def summarise(rows, threads, low_confidence=LOW_CONFIDENCE, bad_px=BAD_PX):
     errors = {r["pair"]: float(r["error_px"]) if r["error_px"] else math.inf for r in rows}
     auc = {}
     for category in "SPA":
@@ -278,6 +309,11 @@ def summarise(rows, threads):
         "median_error_px": float(np.median(all_errors)) if all_errors else None,
         "failed": sum(1 for r in rows if not r["error_px"]),
         "inaccurate": sum(1 for r in rows if r["inaccurate"] == "True"),
+        "bad": sum(1 for r in rows if is_bad(r, bad_px)),
+        "low_confidence": sum(1 for r in rows if is_low(r, low_confidence)),
+        "bad_and_low_confidence": sum(
+            1 for r in rows if is_bad(r, bad_px) and is_low(r, low_confidence)
+        ),
         "median_seconds": float(np.median(seconds)) if seconds else None,
         "p90_seconds": float(np.percentile(seconds, 90)) if seconds else None,
         "threads": threads,
@@ -304,11 +340,11 @@ def evaluate_folder(pairs, label, register, out, args):
             f.flush()
             rows.append(row)
     rows.sort(key=lambda r: r["pair"])
-    summary = {"method": label, **summarise(rows, args.THREADS)}
+    summary = {"method": label, **summarise(rows, args.THREADS, args.LOW_CONFIDENCE, args.BAD_PX)}
     write_json(out / "summary.json", summary)
     errors = [float(r["error_px"]) if r["error_px"] else math.inf for r in rows]
     success_figure(out / "success_rate.png", {label: errors})
-    confidence_figure(out / "confidence.png", rows)
+    confidence_figure(out / "confidence.png", rows, summary, args.LOW_CONFIDENCE, args.BAD_PX)
     return summary, errors
 
 
@@ -370,6 +406,7 @@ def run_folder(args, methods):
         print(
             f"{label}: mAUC {num['mAUC']}, median error {num['median_error_px']} px, "
             f"{summary['failed']} failed, {summary['inaccurate']} inaccurate, "
+            f"{summary['low_confidence']} low confidence, "
             f"median {num['median_seconds']} s per pair -> {folder}"
         )
     if len(methods) > 1:
@@ -414,9 +451,11 @@ def run_pair(args, methods):
     for name, img in (("warped.png", warped), ("overlay.png", overlay(fixed.pixels, warped))):
         ok, data = cv2.imencode(".png", img if img.ndim == 2 else img[:, :, ::-1])
         write_atomic(out / name, data.tobytes())
+    low = result.confidence < args.LOW_CONFIDENCE
+    doubt = " (low: the result is probably wrong)" if low else ""
     print(
         f"fixed_from_moving = {np.array2string(m, precision=4)}; "
-        f"confidence {result.confidence:.2f}; "
+        f"confidence {result.confidence:.2f}{doubt}; "
         f"{seconds * 1000:.1f} ms -> {out}"
     )
 

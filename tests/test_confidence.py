@@ -1,0 +1,126 @@
+"""The network's confidence is low exactly when its result is bad, and a wrong guess is retried."""
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+import Network
+from common import GreyImage, apply_affine, fire_error, fov_mask
+
+MODEL = "models/fundusreg.keras"
+SIDE = 768
+BAD_PX = 25.0  # as Testing.BAD_PX: past it a registration adds nothing to the AUC
+
+
+@pytest.fixture(scope="module")
+def registrar():
+    return Network.NetRegistrar(Network.load_network(MODEL))
+
+
+@pytest.fixture(scope="module")
+def retina():
+    return cv2.resize(data.retina()[:, :, 1], (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+
+
+def grey(pixels):
+    return GreyImage(pixels, pixels.shape, np.eye(3))
+
+
+def moved(fixed, moving_from_fixed):
+    """The fixed image seen after a motion, and control points (fixed x y, moving x y) in the
+    field of view of both."""
+    moving = cv2.warpAffine(fixed, moving_from_fixed[:2], (SIDE, SIDE), flags=cv2.INTER_LINEAR)
+    mask = fov_mask(fixed) > 0
+    grid = np.stack(np.meshgrid(np.arange(96, SIDE, 96), np.arange(96, SIDE, 96)), -1)
+    grid = grid.reshape(-1, 2).astype(np.float64)
+    inside = [mask[int(y), int(x)] for x, y in grid]
+    points = grid[inside]
+    return moving, np.hstack([points, apply_affine(moving_from_fixed, points)])
+
+
+def about_centre(degrees, scale=1.0, mirror=False, shift=(0.0, 0.0)):
+    m = np.vstack([cv2.getRotationMatrix2D((SIDE / 2 - 0.5,) * 2, degrees, scale), [0, 0, 1]])
+    if mirror:
+        m = m @ np.array([[-1.0, 0, SIDE - 1], [0, 1, 0], [0, 0, 1]])
+    m[:2, 2] += shift
+    return m
+
+
+@pytest.mark.parametrize(
+    "motion",
+    [
+        about_centre(8, 1.05, shift=(20, -12)),  # within the network's training range
+        about_centre(-5, 0.95, shift=(-60, 30)),
+        about_centre(180),  # beyond it: the network cannot undo a half turn
+        about_centre(0, mirror=True),  # no rotation, scale or shift gives a mirror image
+    ],
+    ids=["small", "large", "half-turn", "mirror"],
+)
+def test_confidence_is_low_exactly_when_the_result_is_bad(registrar, retina, motion):
+    moving, points = moved(retina, motion)
+    result = registrar.register(grey(retina), grey(moving))
+    error = fire_error(result.fixed_from_moving, points)
+    assert (error > BAD_PX) == (result.confidence < 0.5), (error, result.confidence)
+
+
+def test_unrelated_image_gets_low_confidence(registrar, retina):
+    """A moving image of another 'eye' (smoothed noise through the same aperture)."""
+    noise = np.random.default_rng(3).integers(0, 255, (SIDE, SIDE), dtype=np.uint8)
+    other = cv2.GaussianBlur(noise, (0, 0), 4)
+    other = cv2.normalize(other, None, 0, 255, cv2.NORM_MINMAX) & fov_mask(retina)
+    result = registrar.register(grey(retina), grey(other))
+    assert result.confidence < 0.5
+
+
+def test_a_wrong_network_guess_is_retried_from_the_identity(retina, monkeypatch):
+    """Small motion, but the network's guess is 60 px off (at the coarse 64 px view: 5 px): the
+    patches disagree with it, the fine stage reruns from the identity and is right."""
+    model = Network.load_network(MODEL)
+    registrar = Network.NetRegistrar(model)
+    moving, points = moved(retina, about_centre(2, shift=(6, -4)))
+    wrong = np.tile(np.array([[1.0, 0, 5], [0, 1, -5], [0, 0, 1]]), (1, 1, 1))
+    monkeypatch.setattr(registrar, "predict", lambda fixed, moving: wrong)
+    result = registrar.register(grey(retina), grey(moving))
+    assert fire_error(result.fixed_from_moving, points) < 2.0
+    assert result.confidence >= 0.5
+    no_retry = Network.NetRegistrar(model, retry_below=0.0)
+    monkeypatch.setattr(no_retry, "predict", lambda fixed, moving: wrong)
+    unretried = no_retry.register(grey(retina), grey(moving))
+    assert unretried.confidence < 0.5  # the wrong start did fail, and said so
+    assert fire_error(unretried.fixed_from_moving, points) > BAD_PX
+
+
+def test_patch_agreement_separates_consistent_from_stray_patches():
+    """_fit_patch_motions: the residual of each patch is its distance from the fitted affine."""
+    rng = np.random.default_rng(0)
+    corners = [(int(x), int(y)) for x, y in rng.integers(0, 320, (20, 2))]
+    truth = np.array([[1.01, 0.02, 1.5], [-0.02, 0.99, -2.0], [0, 0, 1]])
+    local = np.tile(np.eye(3), (20, 1, 1))
+    for k, (x, y) in enumerate(corners):
+        centre = np.array([x + 32.0, y + 32.0])
+        local[k, :2, 2] = apply_affine(truth, centre[None])[0] - centre
+    local[:4, :2, 2] += [[15, 0], [0, -12], [9, 9], [-20, 4]]  # four stray patches
+    fit, residual = Network._fit_patch_motions(local, corners, 64, "trimmed")
+    np.testing.assert_allclose(fit, truth, atol=1e-4)  # float32 points
+    assert np.all(residual[:4] > 8) and np.all(residual[4:] < 1e-3)
+
+
+def test_retry_order_and_stop(retina, monkeypatch):
+    """Low confidence: the patches from the identity (no network), then the network from each
+    shifted start, until one is confident; the most confident result is kept."""
+    registrar = Network.NetRegistrar(Network.load_network(MODEL))
+    scripted = iter([0.1, 0.2, 0.3, 0.9, 1.0])
+    calls = []
+
+    def attempt(coarse, fine, start, passes):
+        calls.append((start[:2, 2].tolist(), passes))
+        return np.diag([len(calls), len(calls), 1.0]), next(scripted)  # tells attempts apart
+
+    monkeypatch.setattr(registrar, "_attempt", attempt)
+    result = registrar.register(grey(retina), grey(retina))
+    step = Network.RETRY_SHIFT * registrar.size
+    passes = Network.COARSE_ITERATIONS
+    assert calls == [([0, 0], passes), ([0, 0], 0), ([step, 0], passes), ([-step, 0], passes)]
+    assert result.confidence == 0.9
+    assert result.fixed_from_moving[0, 0] == pytest.approx(4.0)  # the fourth attempt's matrix
