@@ -69,7 +69,8 @@ REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase cor
 POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
 AGREE_PX = 3.0  # net confidence: share of fine patches within this many px of the fitted affine
-RETRY_BELOW = 0.5  # net: below this confidence the fine stage also runs from the identity
+RETRY_BELOW = 0.5  # net: below this confidence, retry (patches from the identity, shifted starts)
+RETRY_SHIFT = 0.25  # net: the shifted starts move the moving image by this share of its side
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 
@@ -110,6 +111,7 @@ def make_method(name, args):
             polish_iterations=args.POLISH_ITERATIONS,
             agree_px=args.AGREE_PX,
             retry_below=args.RETRY_BELOW,
+            retry_shift=args.RETRY_SHIFT,
         )
         return ("net" if name == "net" else Path(name).stem), registrar.register
     raise InputError(name, "unknown method (use net, a .keras model path, sift, orb or ecc)")

@@ -27,6 +27,8 @@ def test_testing_defaults_are_the_networks():
         assert getattr(Testing, name) == getattr(Network, name), name
     for name in ("REFINE", "POLISH_ITERATIONS", "AGGREGATE", "AGREE_PX", "RETRY_BELOW"):
         assert getattr(Testing, name) == getattr(Network, name), name
+    for name in ("RETRY_SHIFT",):
+        assert getattr(Testing, name) == getattr(Network, name), name
 
 
 @pytest.fixture(scope="module")
