@@ -23,11 +23,9 @@ MAX_MEDIAN_PX = 1.0
 
 
 def test_testing_defaults_are_the_networks():
-    for name in ("COARSE_ITERATIONS", "FINE_SIZE", "FINE_PATCHES", "FINE_PATCH", "FINE_ITERATIONS"):
-        assert getattr(Testing, name) == getattr(Network, name), name
-    for name in ("REFINE", "POLISH_ITERATIONS", "AGGREGATE", "AGREE_PX", "RETRY_BELOW"):
-        assert getattr(Testing, name) == getattr(Network, name), name
-    for name in ("RETRY_SHIFT",):
+    names = ["COARSE_ITERATIONS", "FINE_SIZE", "FINE_PATCHES", "FINE_PATCH", "FINE_ITERATIONS"]
+    names += ["REFINE", "POLISH_ITERATIONS", "AGGREGATE", "AGREE_PX", "RETRY_BELOW", "RETRY_SHIFT"]
+    for name in names:
         assert getattr(Testing, name) == getattr(Network, name), name
 
 
