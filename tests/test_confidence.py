@@ -14,8 +14,13 @@ BAD_PX = 25.0  # as Testing.BAD_PX: past it a registration adds nothing to the A
 
 
 @pytest.fixture(scope="module")
-def registrar():
-    return Network.NetRegistrar(Network.load_network(MODEL))
+def model():
+    return Network.load_network(MODEL)
+
+
+@pytest.fixture(scope="module")
+def registrar(model):
+    return Network.NetRegistrar(model)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +78,12 @@ def test_unrelated_image_gets_low_confidence(registrar, retina):
     assert result.confidence < 0.5
 
 
-def test_a_wrong_network_guess_is_retried_from_the_identity(retina, monkeypatch):
+def test_a_wrong_network_guess_is_retried_from_the_identity(model, retina, monkeypatch):
     """Small motion, but the network's guess is 60 px off (at the coarse 64 px view: 5 px): the
     patches disagree with it, the fine stage reruns from the identity and is right."""
-    model = Network.load_network(MODEL)
     registrar = Network.NetRegistrar(model)
     moving, points = moved(retina, about_centre(2, shift=(6, -4)))
-    wrong = np.tile(np.array([[1.0, 0, 5], [0, 1, -5], [0, 0, 1]]), (1, 1, 1))
+    wrong = np.array([[[1.0, 0, 5], [0, 1, -5], [0, 0, 1]]])  # (1, 3, 3), as predict returns
     monkeypatch.setattr(registrar, "predict", lambda fixed, moving: wrong)
     result = registrar.register(grey(retina), grey(moving))
     assert fire_error(result.fixed_from_moving, points) < 2.0
@@ -106,10 +110,10 @@ def test_patch_agreement_separates_consistent_from_stray_patches():
     assert np.all(residual[:4] > 8) and np.all(residual[4:] < 1e-3)
 
 
-def test_retry_order_and_stop(retina, monkeypatch):
+def test_retry_order_and_stop(model, retina, monkeypatch):
     """Low confidence: the patches from the identity (no network), then the network from each
     shifted start, until one is confident; the most confident result is kept."""
-    registrar = Network.NetRegistrar(Network.load_network(MODEL))
+    registrar = Network.NetRegistrar(model)
     scripted = iter([0.1, 0.2, 0.3, 0.9, 1.0])
     calls = []
 
