@@ -54,18 +54,19 @@ from common import (
     write_json,
 )
 
-FIRE = ""  # FIRE-layout folder of real pairs ("" = none)
-PHOTOS = ""  # folder of single photographs for synthetic motion ("" = none)
+FIRE = ""  # FIRE-layout folders of real pairs, comma separated ("" = none)
+PHOTOS = ""  # folders of single photographs for synthetic motion, comma separated ("" = none)
 RETINA = True  # also use skimage.data.retina() as a photograph
 OUT = "data/patches"
 PATCH_SIZE = 64  # = the network's INPUT_SIZE
 SYNTH_SIZE = 384  # side of synthetic pairs (px)
-PAIRS_PER_PHOTO = 240
+PAIRS_PER_PHOTO = 100
+REAL_REPEATS = 10  # each real (FIRE) pair is sampled this often, each time with new pre-warps
 SAMPLES_PER_PAIR = 6
 PAIRS_PER_SHARD = 240
 VAL_FRACTION = 0.15  # share of photographs / FIRE pairs held out for validation
 SEED = 0
-MAX_TRANSLATION = 0.215  # FIRE pairs moving more than this fraction of the side are skipped
+MAX_TRANSLATION = 0.5  # FIRE pairs moving more than this fraction of the side are skipped
 COARSE_SHARE = 1.0  # share of whole-image (coarse) samples; the rest are fine patches
 LARGE_SHARE = 0.5  # share of later coarse samples pre-warped by a full-range wrong estimate
 FINE_SIZE_MIN = 256
@@ -74,14 +75,19 @@ WRITE_SAMPLE = ""  # if set: write SAMPLE_PAIRS synthetic FIRE-layout pairs here
 SAMPLE_PAIRS = 6
 REJECT_BLACK_PIXELS = 10  # a fine patch with more black (out-of-FOV) pixels is rejected
 # Synthetic motion (fixed_from_moving about the image centre) and residuals (in patch units)
-MAX_ROTATION_DEG = 15.0
+MAX_ROTATION_DEG = 25.0
 MAX_SCALE = 0.15  # scale in [1 - MAX_SCALE, 1 + MAX_SCALE]
 MAX_SHEAR = 0.03
-MAX_SHIFT = 0.2  # translation of the centre, fraction of the side
+MAX_SHIFT = 0.45  # translation of the centre, fraction of the side (FIRE's P pairs: 35-45 %)
 DISTORTION_PX = 1.5  # amplitude of the smooth non-affine distortion at SYNTH_SIZE
 RESIDUAL_SHIFT = 0.06  # fraction of the patch side
 RESIDUAL_ROTATION_DEG = 3.0
 RESIDUAL_SCALE = 0.03
+# The camera (synthetic pairs): aperture shapes, and what changes between the two visits
+FULL_FRAME_SHARE = 0.2  # no round aperture (scanning-laser images)
+CLIPPED_SHARE = 0.3  # of the round apertures, clipped at top and bottom (wide sensors)
+LESION_SHARE = 0.3  # the moving view shows lesions the fixed one does not
+FLARE_SHARE = 0.2  # the moving view has a flare at the aperture's rim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,63 +114,148 @@ def random_affine(rng, centre, rotation_deg, scale, shear, shift):
     )
 
 
-def photometric(rng, bgr):
-    """Exposure, colour, illumination gradient, blur, noise and JPEG, as follow-up visits differ."""
+def photometric(rng, bgr, strength=1.0):
+    """Exposure, colour, illumination gradient, haze, defocus, noise and JPEG, as follow-up visits
+    differ; ``strength`` scales the ranges of exposure, illumination, haze and blur."""
     img = bgr.astype(np.float32) / 255.0
-    img = img ** rng.uniform(0.6, 1.6) * rng.uniform(0.6, 1.4, size=3)  # gamma, colour gains
+    gamma = np.exp(rng.uniform(-1, 1) * 0.5 * strength)
+    img = img**gamma * rng.uniform(1 - 0.4 * strength, 1 + 0.4 * strength, size=3)  # colour gains
     h, w = img.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w) - 0.5
-    gx, gy = rng.uniform(-0.8, 0.8, 2)
+    gx, gy = rng.uniform(-0.8, 0.8, 2) * strength
     img *= np.clip(1 + gx * xx + gy * yy, 0.3, 2)[..., None]  # uneven illumination
+    if rng.uniform() < 0.4 * strength:  # haze: a smooth veil over part of the retina
+        veil = cv2.resize(rng.uniform(0, 1, (3, 3)).astype(np.float32), (w, h))
+        amount = rng.uniform(0.1, 0.5) * veil[..., None]
+        img = img * (1 - amount) + amount * rng.uniform(0.4, 0.9) * img.mean()
     img = np.clip(img * 255, 0, 255)
-    sigma = rng.uniform(0, 1.5)
-    if sigma > 0.3:
+    sigma = rng.uniform(0, 1.5 + 1.5 * strength)
+    if sigma > 0.3:  # defocus
         img = cv2.GaussianBlur(img, (0, 0), sigma)
     img = np.clip(img + rng.normal(0, rng.uniform(0, 6), img.shape), 0, 255).astype(np.uint8)
     ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.uniform(40, 95))])
     return cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
 
 
-def synthetic_pair(rng, bgr, args, motion=1.0):
-    """(fixed, moving, fixed_from_moving 3x3, maps) from one colour photograph: colour images of
-    SYNTH_SIZE px; ``maps[y, x]`` is the fixed-image point of moving pixel (x, y) (the affine plus
-    the distortion). ``motion`` scales the ranges of rotation, scale, shear and shift."""
+def lesions(rng, bgr):
+    """A few bright (exudate-like) or dark (haemorrhage-like) spots: change between two visits."""
+    out = bgr.copy()
+    size = bgr.shape[0]
+    for _ in range(int(rng.integers(2, 12))):
+        centre = tuple(int(v) for v in rng.uniform(0.2, 0.8, 2) * size)
+        axes = tuple(int(v) for v in rng.uniform(0.005, 0.03, 2) * size + 1)
+        colour = (40, 200, 230) if rng.uniform() < 0.5 else (20, 20, 90)
+        cv2.ellipse(out, centre, axes, rng.uniform(0, 180), 0, 360, colour, -1)
+    return cv2.GaussianBlur(out, (0, 0), 1.0)
+
+
+def flare(rng, bgr, aperture):
+    """A bright crescent at the rim of the camera's aperture (stray light): it belongs to the
+    camera, so it stays put while the retina moves."""
+    size = bgr.shape[0]
+    angle = rng.uniform(0, 2 * np.pi)
+    spot = np.zeros((size, size), np.float32)
+    c = size / 2 + 0.5 * size * np.array([np.cos(angle), np.sin(angle)])
+    cv2.circle(spot, (int(c[0]), int(c[1])), int(size * rng.uniform(0.1, 0.3)), 1.0, -1)
+    spot = cv2.GaussianBlur(spot, (0, 0), size * 0.04) * rng.uniform(0.3, 1.0)
+    spot *= aperture[..., 0] > 0
+    tint = np.array([rng.uniform(0.3, 0.8), rng.uniform(0.7, 1.0), 1.0], np.float32) * 255
+    return np.clip(bgr + spot[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+def camera_aperture(rng, size, args):
+    """The camera's field of view in the image frame, the SAME for fixed and moving (the camera
+    stays put, the retina moves beneath it): (uint8 mask, distance from the centre to its
+    farthest point). A disc (FIRE, DRIVE), a disc clipped at top and bottom (wide sensors), or
+    the whole frame (scanning-laser images have no round aperture)."""
+    mask = np.zeros((size, size), np.uint8)
+    if rng.uniform() < args.FULL_FRAME_SHARE:
+        mask[:] = 255
+        return mask, size / np.sqrt(2)
+    radius = size * rng.uniform(0.42, 0.5)
+    cv2.circle(mask, (size // 2, size // 2), int(radius), 255, -1)
+    if rng.uniform() < args.CLIPPED_SHARE:
+        band = int(size * rng.uniform(0.03, 0.17))
+        mask[:band], mask[size - band :] = 0, 0
+    return mask, radius
+
+
+def source_disc(bgr):
+    """((x, y) centre, radius) of the largest disc inside a photograph's own field of view: where
+    a synthetic view may sample its retina (never the photograph's own border, which would move
+    with the retina and give the motion away)."""
+    inside = (fov_mask(bgr[:, :, 1]) > 0).astype(np.uint8)
+    distance = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    _, radius, _, centre = cv2.minMaxLoc(distance)
+    return np.array(centre, np.float64), float(radius)
+
+
+def synthetic_pair(rng, photo, args, motion=1.0, appearance=1.0):
+    """(fixed, moving, fixed_from_moving 3x3, maps) from one photograph ``(name, bgr, disc)``:
+    colour images of SYNTH_SIZE px; ``maps[y, x]`` is the fixed-image point of moving pixel
+    (x, y) (the affine plus the distortion). ``motion`` scales the ranges of rotation, scale,
+    shear and shift; ``appearance`` the moving view's photometric change.
+
+    As in a real follow-up, the camera's aperture stays put and the retina moves beneath it:
+    both views sample the photograph's retina inside its own field of view (``source_disc``),
+    zoomed so that the fixed view and the moved one both fit there, and the same aperture is
+    laid over both. Each view has its own photometric change; the moving one may also carry
+    lesions and a flare at the aperture's rim."""
+    _, bgr, (disc_centre, disc_radius) = photo
     size = args.SYNTH_SIZE
-    side = max(bgr.shape[:2])
-    top, left = (side - bgr.shape[0]) // 2, (side - bgr.shape[1]) // 2
-    square = cv2.copyMakeBorder(
-        bgr, top, side - bgr.shape[0] - top, left, side - bgr.shape[1] - left, cv2.BORDER_CONSTANT
-    )
-    photo = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
-    centre = ((size - 1) / 2, (size - 1) / 2)
+    centre = np.array([(size - 1) / 2, (size - 1) / 2])
     ranges = np.array(
         [args.MAX_ROTATION_DEG, args.MAX_SCALE, args.MAX_SHEAR, args.MAX_SHIFT * size]
     )
     a = random_affine(rng, centre, *(motion * ranges))
-    # moving(p) = photo(A p + d(p)): the same retina seen after the motion, slightly distorted
+    aperture, reach = camera_aperture(rng, size, args)
+    # source_from_fixed: fixed pixels -> photograph pixels; the midpoint of the fixed view's
+    # centre and the moved one's goes to the disc's centre, at a zoom where both views fit
+    moved_centre = a[:2, :2] @ centre + a[:2, 2]
+    stretch = max(1.0, np.linalg.svd(a[:2, :2], compute_uv=False)[0])
+    fit = 0.97 * disc_radius / (stretch * reach + np.linalg.norm(moved_centre - centre) / 2)
+    zoom = fit * rng.uniform(0.75, 1.0)  # photograph pixels per view pixel
+    angle = np.radians(rng.uniform(-20, 20))
+    c, s = np.cos(angle) * zoom, np.sin(angle) * zoom
+    source_from_fixed = (
+        translation(*disc_centre)
+        @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+        @ translation(*(-(centre + moved_centre) / 2))
+    )
+    if zoom > 1.2:  # shrinking: blur first, against aliasing
+        bgr = cv2.GaussianBlur(bgr, (0, 0), 0.45 * zoom)
+    # moving(p) = retina(A p + d(p)): the same retina after the motion, slightly distorted
     grid = np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1).astype(np.float32)
     maps = grid @ a[:2, :2].T.astype(np.float32) + a[:2, 2].astype(np.float32)
     field = cv2.resize(
         rng.normal(0, 1, (4, 4, 2)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
     )
     maps += args.DISTORTION_PX * field / 2
-    moving = cv2.remap(photo, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR)
-    aperture = np.zeros((size, size), np.uint8)
-    cv2.circle(aperture, (size // 2, size // 2), int(size * rng.uniform(0.42, 0.49)), 255, -1)
-    fixed, moving = photometric(rng, photo), photometric(rng, moving)
+    src = maps @ source_from_fixed[:2, :2].T.astype(np.float32)
+    src += source_from_fixed[:2, 2].astype(np.float32)
+    moving = cv2.remap(bgr, src[..., 0], src[..., 1], cv2.INTER_LINEAR)
+    fixed = cv2.warpAffine(
+        bgr, source_from_fixed[:2], (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    )
+    fixed = photometric(rng, fixed, 0.5)
+    if rng.uniform() < args.LESION_SHARE:
+        moving = lesions(rng, moving)
+    moving = photometric(rng, moving, appearance)
     aperture = aperture[..., None]
+    if rng.uniform() < args.FLARE_SHARE:
+        moving = flare(rng, moving, aperture)
     return fixed & aperture, moving & aperture, a, maps
 
 
 def load_photos(args):
-    """[(name, colour image)] of the photographs; unreadable ones are reported, not fatal."""
+    """[(name, colour image, source_disc)] of the photographs in the PHOTOS folders (and
+    skimage.data.retina()); unreadable ones are reported, not fatal."""
     photos, failed = [], []
     if args.RETINA:
         from skimage.data import retina
 
         photos.append(("skimage-retina", cv2.cvtColor(retina(), cv2.COLOR_RGB2BGR)))
-    if args.PHOTOS:
-        folder = Path(args.PHOTOS)
+    for folder in folders(args.PHOTOS):
         if not folder.is_dir():
             raise InputError(folder, "photo folder not found")
         for path in sorted(p for p in folder.iterdir() if p.is_file()):
@@ -182,15 +273,19 @@ def load_photos(args):
                 photos.append((path.name, img))
             except InputError as e:
                 failed.append({"source": str(path), "reason": e.problem})
-    return photos, failed
+    return [(name, img, source_disc(img)) for name, img in photos], failed
+
+
+def folders(text):
+    """Paths of a comma-separated list of folders ("" = none)."""
+    return [Path(part.strip()) for part in str(text).split(",") if part.strip()]
 
 
 def load_fire(args):
     """[(name, fixed grey, moving grey, fixed_from_moving 3x3)] of usable FIRE pairs."""
     pairs, failed = [], []
-    if not args.FIRE:
-        return pairs, failed
-    for item in read_fire(args.FIRE):
+    items = [(root, item) for root in folders(args.FIRE) for item in read_fire(root)]
+    for root, item in items:
         try:
             if item.problem:
                 raise InputError(item.pair, item.problem)
@@ -198,7 +293,7 @@ def load_fire(args):
             try:
                 a, residual = fit_affine(item.points[:, 2:4], item.points[:, 0:2])
             except ValueError as e:  # e.g. collinear points: name the file
-                gt = Path(args.FIRE) / "Ground Truth" / f"control_points_{item.pair}_1_2.txt"
+                gt = root / "Ground Truth" / f"control_points_{item.pair}_1_2.txt"
                 raise InputError(gt, str(e)) from None
             shift = np.hypot(*a[:, 2]) / max(fixed.file_shape)
             print(
@@ -211,7 +306,7 @@ def load_fire(args):
                     item.pair, f"translation {shift:.1%} of the side exceeds MAX_TRANSLATION"
                 )
             a = fixed.decoded_from_file @ to3x3(a) @ np.linalg.inv(moving.decoded_from_file)
-            pairs.append((item.pair, fixed.pixels, moving.pixels, a))
+            pairs.append((f"{root.name}/{item.pair}", fixed.pixels, moving.pixels, a))
         except InputError as e:
             failed.append({"source": item.pair, "reason": str(e)})
     return pairs, failed
@@ -227,12 +322,13 @@ def write_fire_folder(photos, args):
     for k in range(args.SAMPLE_PAIRS):
         category = "SPA"[k % 3]
         rng = np.random.default_rng([args.SEED, 10_000 + k])
-        name, bgr = photos[k % len(photos)]
         fixed, moving, _, maps = synthetic_pair(
-            rng, bgr, args, motion=1.0 if category == "P" else 0.35
+            rng,
+            photos[k % len(photos)],
+            args,
+            motion=1.0 if category == "P" else 0.35,
+            appearance=1.6 if category == "A" else 1.0,
         )
-        if category == "A":
-            moving = photometric(rng, moving)  # a second, compounding appearance change
         size = fixed.shape[0]
         # control points: moving pixels inside both apertures, mapped to the fixed image
         points = []
@@ -247,7 +343,8 @@ def write_fire_folder(photos, args):
             write_atomic(root / "Images" / f"{pair}_{index}.jpg", data.tobytes())
         lines = "".join(f"{fx:.2f} {fy:.2f} {x:.2f} {y:.2f}\n" for fx, fy, x, y in points)
         write_atomic(root / "Ground Truth" / f"control_points_{pair}_1_2.txt", lines)
-    print(f"{root}: {args.SAMPLE_PAIRS} FIRE-layout pairs from {', '.join(n for n, _ in photos)}")
+    used = sorted({photos[k % len(photos)][0] for k in range(args.SAMPLE_PAIRS)})
+    print(f"{root}: {args.SAMPLE_PAIRS} FIRE-layout pairs from {', '.join(used)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +453,7 @@ def main(args):
     # One unit = one pair (source index, pair number); a shard: PAIRS_PER_SHARD units of one split
     units = {"train": [], "val": []}
     for i in range(len(photos) + len(fire_pairs)):
-        count = args.PAIRS_PER_PHOTO if i < len(photos) else 1
+        count = args.PAIRS_PER_PHOTO if i < len(photos) else args.REAL_REPEATS
         units[split[i]] += [(i, j) for j in range(count)]
     manifest_path = out / "manifest.json"
     key = config_key(args)
@@ -369,9 +466,9 @@ def main(args):
         failed=failed_photos + failed_fire,
         target_convention="fixedpatch_from_movingpatch, 2x3, normalised patch coordinates "
         "[-1, 1] (Network.py)",
-        sources=[name for name, _ in photos] + [p[0] for p in fire_pairs],
+        sources=[p[0] for p in photos] + [p[0] for p in fire_pairs],
         validation_sources=[
-            ([n for n, _ in photos] + [p[0] for p in fire_pairs])[i]
+            ([p[0] for p in photos] + [p[0] for p in fire_pairs])[i]
             for i in range(len(order))
             if split[i] == "val"
         ],
@@ -393,10 +490,14 @@ def main(args):
         for i, j in chunk:
             rng = np.random.default_rng([args.SEED, i, j])
             if i < len(photos):
-                fixed, moving, a, _ = synthetic_pair(rng, photos[i][1], args)
+                fixed, moving, a, _ = synthetic_pair(rng, photos[i], args)
                 fixed, moving = fixed[:, :, 1], moving[:, :, 1]  # green, as common.to_grey
             else:
                 _, fixed, moving, a = fire_pairs[i - len(photos)]
+                if j:  # repeats of a real pair: new exposure and blur on each side
+                    fixed, moving = (
+                        photometric(rng, cv2.merge([v] * 3), 0.5)[:, :, 1] for v in (fixed, moving)
+                    )
             x, y = sample_patches(rng, fixed, moving, a, args)
             xs += x
             ys += y
