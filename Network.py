@@ -1,4 +1,4 @@
-"""Network.py - step 2 of 4: the registration network, and how it registers a pair of images.
+"""Network.py - step 2 of 4: the registration network.
 
 The network is the prototype's STN-like localisation network made light and made to match:
     encoder: by default (CORRELATION_RADIUS = -1) a siamese encoder, the same convolutions over
@@ -16,54 +16,20 @@ Convention of the network's output:
     ``matrix`` is ``fixedpatch_from_movingpatch`` in NORMALISED patch coordinates: (x, y) of a
     pixel centre mapped to [-1, 1] by ``common.norm_from_pixels(size)`` (so identity is
     [[1, 0, 0], [0, 1, 0]] whatever the patch size, and translation is in half-patch units).
-    ``NetRegistrar`` turns it into ``fixed_from_moving`` in the caller's file pixels.
+    ``registrar.NetRegistrar`` turns it into ``fixed_from_moving`` in the caller's file pixels.
 
-How a pair is registered (``NetRegistrar.register``), coarse to fine:
-    1. coarse (the network): both whole images, padded square, resized to INPUT_SIZE, CLAHE; the
-       network predicts the motion; the moving view is re-warped by the estimate and the network
-       predicts the residual, COARSE_ITERATIONS times (iterative refinement).
-    2. fine: both images at FINE_SIZE px, the moving one warped by the coarse estimate; up to
-       FINE_PATCHES patches where the two fields of view overlap each estimate a local residual, by
-       phase correlation (REFINE = phase: closed form, sub-pixel, translation only) or by the
-       network (REFINE = net); each is taken back to full-image coordinates (the prototype's
-       ``t_global`` formula) and ONE affine is fitted, robustly, to the points the patches move
-       (AGGREGATE: least squares refitted without outliers by default), FINE_ITERATIONS times.
-       Optionally POLISH_ITERATIONS of ECC.
-    3. confidence: the share of patches whose motion, measured in the last fine iteration, agrees
-       with the fitted affine within AGREE_PX fine-view pixels. Right, the patches all tell one
-       story; wrong, they measure unrelated shifts and few agree. Below RETRY_BELOW, registration
-       is retried until a result is confident, keeping the most confident: first the fine stage
-       from the identity (the network's guess can be wrong where the images differ most in
-       appearance, and a small motion is within the patches' own reach), then the network from
-       8 starts shifted by RETRY_SHIFT of the side (a motion beyond the network's training range).
-       Without the fine stage (FINE_SIZE = 0) there is no retry, and the confidence is the
-       normalised cross-correlation of the fixed and warped moving views in the fixed field of
-       view (blind to errors of a pixel or two at 64 px, i.e. 20-30 px at 768 px).
+How a pair is registered with it (coarse network passes, then a fine stage of patches,
+a confidence and retries) is ``registrar.py``.
 
 Run ``python Network.py`` to print the default network's parameter count and CPU time per patch.
 """
 
 import time
 
-import cv2
 import keras
 import numpy as np
 
-from common import (
-    GreyImage,
-    InputError,
-    Registration,
-    cli,
-    exit_on_input_error,
-    fit_affine,
-    fov_mask,
-    global_from_local,
-    norm_from_pixels,
-    scale_matrix,
-    square_view,
-    to3x3,
-    translation,
-)
+from common import InputError, cli, exit_on_input_error
 
 # Architecture (the defaults of build_network)
 INPUT_SIZE = 64  # patch side in pixels (the coarse pass sees the whole image at this size)
@@ -73,19 +39,6 @@ DROPOUT = 0.2
 CORRELATION_RADIUS = -1  # 0: stacked patches (prototype); r > 0: siamese encoder + cost volume
 # of displacements up to r cells; -1: siamese encoder + global (all pairs) cost volume
 SIAMESE_STAGES = 2  # with a cost volume: encoder stages shared by both patches before it
-# Registration procedure (the defaults of NetRegistrar)
-COARSE_ITERATIONS = 2
-FINE_SIZE = 384  # 0 = coarse only
-FINE_PATCHES = 40
-FINE_PATCH = 64  # side of the fine patches with REFINE = phase (with net: INPUT_SIZE)
-FINE_ITERATIONS = 3
-REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
-POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
-AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
-AGREE_PX = 3.0  # a patch agrees with the fitted affine within this many fine-view pixels
-RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, then the
-# network from 8 starts shifted by RETRY_SHIFT of the side (until one is confident)
-RETRY_SHIFT = 0.25  # 0 = no shifted starts
 THREADS = 2
 # `python Network.py`: time this many patches
 TIME_PATCHES = 200
@@ -299,251 +252,6 @@ def load_network(path):
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many types for a bad archive
         raise InputError(path, f"cannot load the model ({type(e).__name__})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Registration with a trained network
-
-
-class NetRegistrar:
-    """Registers pairs with a trained network, coarse to fine (see the module docstring)."""
-
-    def __init__(
-        self,
-        model,
-        coarse_iterations=COARSE_ITERATIONS,
-        fine_size=FINE_SIZE,
-        fine_patches=FINE_PATCHES,
-        fine_patch=FINE_PATCH,
-        fine_iterations=FINE_ITERATIONS,
-        aggregate=AGGREGATE,
-        refine=REFINE,
-        polish_iterations=POLISH_ITERATIONS,
-        agree_px=AGREE_PX,
-        retry_below=RETRY_BELOW,
-        retry_shift=RETRY_SHIFT,
-    ):
-        import tensorflow as tf
-
-        if aggregate not in ("lmeds", "trimmed", "mean"):
-            raise ValueError(f"aggregate must be lmeds, trimmed or mean, not {aggregate!r}")
-        if refine not in ("net", "phase"):
-            raise ValueError(f"refine must be net or phase, not {refine!r}")
-        self.model = model
-        self.size = int(model.input_shape[1])
-        self.coarse_iterations, self.fine_size = coarse_iterations, fine_size
-        self.fine_patches, self.fine_iterations = fine_patches, fine_iterations
-        self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
-        self.aggregate, self.refine, self.polish_iterations = aggregate, refine, polish_iterations
-        self.agree_px, self.retry_below = agree_px, retry_below
-        # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
-        # in 8 directions, which puts a larger motion back within the network's training range
-        step = retry_shift * self.size
-        self._starts = [
-            translation(dx * step, dy * step)
-            for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]
-            if step
-        ]
-        spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
-
-        def matrix(x):
-            return model(x, training=False)["matrix"]
-
-        # XLA-compiled: 1.7 ms instead of 2.4 ms a call on 2 cores, the same matrices
-        self._predict = tf.function(matrix, input_signature=[spec], jit_compile=True)
-        self._window = cv2.createHanningWindow((self.fine_patch,) * 2, cv2.CV_32F)
-        self.warm_up()
-
-    def warm_up(self):
-        """Run the whole procedure once on a made-up pair (traces the TensorFlow graph, starts
-        OpenCV's threads), so that the clock of the first real pair measures registration."""
-        disc = np.zeros((512, 512), np.uint8)
-        cv2.circle(disc, (256, 256), 240, 255, -1)
-        noise = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
-        image = GreyImage(cv2.GaussianBlur(noise, (0, 0), 3) & disc, (512, 512), np.eye(3))
-        self.register(image, image)
-
-    def predict(self, fixed_patches, moving_patches):
-        """(K, P, P) uint8 pairs -> (K, 3, 3) ``fixedpatch_from_movingpatch`` in patch pixels."""
-        x = np.stack([fixed_patches, moving_patches], axis=-1).astype(np.float32)
-        norm = np.asarray(self._predict(x), np.float64)
-        n = norm_from_pixels(self.size)
-        return np.linalg.inv(n) @ np.stack([to3x3(m) for m in norm]) @ n
-
-    def phase(self, fixed_patches, moving_patches):
-        """Closed-form alternative to ``predict`` for small residuals: each patch's translation by
-        phase correlation (OpenCV, sub-pixel), as a (K, 3, 3) ``fixedpatch_from_movingpatch``."""
-        local = np.tile(np.eye(3), (len(fixed_patches), 1, 1))
-        for k, (f, m) in enumerate(zip(fixed_patches, moving_patches)):
-            (dx, dy), _ = cv2.phaseCorrelate(np.float32(f), np.float32(m), self._window)
-            local[k, :2, 2] = -dx, -dy  # m is f shifted by (dx, dy)
-        return local
-
-    def register(self, fixed, moving):
-        """GreyImage pair -> Registration with ``fixed_from_moving`` in file pixels."""
-        coarse = [square_view(image.pixels, self.size)[0] for image in (fixed, moving)]
-        fine_size = self.fine_size or self.size
-        (fixed_view, view_from_fixed), (moving_view, view_from_moving) = (
-            square_view(image.pixels, fine_size) for image in (fixed, moving)
-        )
-        fine = (fixed_view, moving_view, fov_mask(fixed_view), fov_mask(moving_view))
-        a, confidence = self._attempt(coarse, fine, np.eye(3), self.coarse_iterations)
-        if confidence < self.retry_below and self.coarse_iterations and self.fine_size:
-            # the patches from the identity, then the network from shifted starts
-            tries = [(np.eye(3), 0)] + [(start, self.coarse_iterations) for start in self._starts]
-            for start, passes in tries:
-                retry, retry_confidence = self._attempt(coarse, fine, start, passes)
-                if retry_confidence > confidence:
-                    a, confidence = retry, retry_confidence
-                if confidence >= self.retry_below:
-                    break
-        file_from_fixed = np.linalg.inv(view_from_fixed @ fixed.decoded_from_file)
-        matrix = file_from_fixed @ a @ view_from_moving @ moving.decoded_from_file
-        if not np.all(np.isfinite(matrix)):
-            return Registration(None, 0.0, "network returned a non-finite matrix")
-        return Registration(matrix[:2], confidence)
-
-    def _attempt(self, coarse, fine, start, passes):
-        """From ``start`` (coarse fixedview_from_movingview): ``passes`` of the network, then the
-        fine stage. Returns (fine fixedview_from_movingview, confidence)."""
-        fixed_view, moving_view = coarse
-        a = start
-        for _ in range(passes):
-            warped = cv2.warpAffine(moving_view, a[:2], (self.size, self.size))
-            a = self.predict(fixed_view[None], warped[None])[0] @ a
-        ratio = scale_matrix(fine[0].shape[0] / self.size)
-        return self._fine(*fine, ratio @ a @ np.linalg.inv(ratio))
-
-    def _fine(self, fixed_view, moving_view, fixed_mask, moving_mask, a):
-        """Refine ``a`` (fixedview_from_movingview) with patches where both fields of view
-        overlap under the current estimate; returns it and its confidence (module docstring)."""
-        side, p = fixed_view.shape[0], self.fine_patch
-        estimate = self.predict if self.refine == "net" else self.phase
-        agreement = None
-        for _ in range(self.fine_iterations if side > p else 0):
-            warped = cv2.warpAffine(moving_view, a[:2], (side, side))
-            seen = cv2.warpAffine(moving_mask, a[:2], (side, side), flags=cv2.INTER_NEAREST)
-            corners = _patch_corners(fixed_mask & seen, p, self.fine_patches)
-            if len(corners) < 3:  # (almost) no overlap: nothing to measure, nothing to trust
-                agreement = 0.0
-                break
-            fixed_patches = np.stack([fixed_view[y : y + p, x : x + p] for x, y in corners])
-            moving_patches = np.stack([warped[y : y + p, x : x + p] for x, y in corners])
-            local = estimate(fixed_patches, moving_patches)
-            update, residual = _fit_patch_motions(local, corners, p, self.aggregate)
-            a = update @ a
-            agreement = float(np.mean(residual <= self.agree_px))
-        if self.polish_iterations:
-            a = _polish(fixed_view, fixed_mask, moving_view, a, self.polish_iterations)
-        if agreement is not None:
-            return a, agreement
-        warped = cv2.warpAffine(moving_view, a[:2], (side, side))
-        return a, _ncc(fixed_view, fixed_mask, warped)
-
-
-def _patch_corners(mask, size, count):
-    """Top-left corners (left, top) of up to ``count`` patches on a regular grid that lie inside
-    the mask (all four corners and the centre of the patch in it)."""
-    side = mask.shape[0]
-    steps = max(2, int(np.ceil(np.sqrt(count))) + 1)
-    candidates = np.linspace(0, side - size, steps + 1).round().astype(int)
-    corners = []
-    for top in candidates:
-        for left in candidates:
-            probe = [
-                (top, left),
-                (top, left + size - 1),
-                (top + size - 1, left),
-                (top + size - 1, left + size - 1),
-                (top + size // 2, left + size // 2),
-            ]
-            if all(mask[y, x] for y, x in probe):
-                corners.append((int(left), int(top)))
-    order = np.argsort(
-        [abs(x - side / 2 + size / 2) + abs(y - side / 2 + size / 2) for x, y in corners]
-    )
-    chosen = [corners[i] for i in order[::-1][:count]]  # prefer the outermost: best leverage
-    return chosen
-
-
-def _fit_patch_motions(local, corners, size, aggregate):
-    """One residual affine (view pixels) from per-patch local matrices (patch pixels), and how far
-    each patch's motion is from it (pixels, the worst of the patch's points).
-
-    Each patch moves its own points by its local matrix, taken back to view pixels
-    (``t_global = t_local + (l, t) - L (l, t)``): its centre alone when the local matrices are
-    translations (phase correlation: one independent measurement per patch), else a 3x3 grid.
-    One affine goes through those point pairs: ``trimmed`` by least squares, refitted without
-    the points that the first fit leaves more than max(1.5 px, 2.5 x the median residual) away;
-    ``lmeds`` by least median of squares; ``mean`` averages the patches' full-image matrices
-    (the prototype's aggregate)."""
-    translations_only = np.allclose(local[:, :2, :2], np.eye(2))
-    ticks = [size / 2] if translations_only else [0, size / 2, size - 1]
-    grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2) in patch pixels
-    origin = np.asarray(corners, np.float64)[:, None, :]  # (K, 1, 2): each patch's (left, top)
-    moved = grid @ local[:, :2, :2].transpose(0, 2, 1) + local[:, None, :2, 2]  # (K, G, 2)
-    src = (grid + origin).reshape(-1, 2).astype(np.float32)
-    dst = (moved + origin).reshape(-1, 2).astype(np.float32)
-    fit = None
-    if aggregate == "lmeds" and len(corners) >= 3:
-        fit, _ = cv2.estimateAffine2D(src, dst, method=cv2.LMEDS)
-    if aggregate == "trimmed" and len(corners) >= 3:
-        fit = _trimmed_fit(src, dst)
-    if fit is None:  # the prototype's mean of the patches' full-image matrices
-        fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
-    fit = to3x3(fit)
-    miss = np.linalg.norm(src @ fit[:2, :2].T + fit[:2, 2] - dst, axis=1)
-    return fit, miss.reshape(len(corners), -1).max(axis=1)
-
-
-def _polish(fixed_view, fixed_mask, moving_view, a, iterations):
-    """A few ECC (Gauss-Newton) steps on vessel edges from ``a``: the last sub-pixel; ``a`` is
-    kept where ECC does not converge."""
-    from classical import edges
-
-    fixed_edges, fixed_mask = edges(fixed_view, fixed_mask)
-    moving_edges, moving_mask = edges(moving_view, fov_mask(moving_view))
-    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, iterations, 1e-4)
-    moving_from_fixed = np.linalg.inv(a)[:2].astype(np.float32)
-    try:
-        _, w = cv2.findTransformECCWithMask(
-            fixed_edges,
-            moving_edges,
-            fixed_mask,
-            moving_mask,
-            moving_from_fixed,
-            cv2.MOTION_AFFINE,
-            criteria,
-            5,
-        )
-    except cv2.error:
-        return a
-    polished = np.linalg.inv(to3x3(w))
-    return polished if np.all(np.isfinite(polished)) else a
-
-
-def _trimmed_fit(src, dst):
-    """Least-squares affine, refitted once without the outlying points; None if degenerate."""
-    try:
-        fit, residual = fit_affine(src, dst)
-        keep = residual <= max(1.5, 2.5 * np.median(residual))
-        if 3 <= keep.sum() < len(src):
-            fit, _ = fit_affine(src[keep], dst[keep])
-    except ValueError:  # fewer than 3 points left, or all on one line
-        return None
-    return fit
-
-
-def _ncc(fixed, mask, warped):
-    """Normalised cross-correlation of fixed and warped moving inside the fixed FOV, in [0, 1]."""
-    inside = (mask > 0) & (warped > 0)
-    if inside.sum() < 100:
-        return 0.0
-    f = fixed[inside].astype(np.float64)
-    w = warped[inside].astype(np.float64)
-    f, w = f - f.mean(), w - w.mean()
-    denom = np.sqrt((f * f).sum() * (w * w).sum())
-    return float(max(0.0, (f * w).sum() / denom)) if denom > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------

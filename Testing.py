@@ -60,13 +60,11 @@ OUT = "results/sample"
 THREADS = 2
 FIGURES = True  # per-pair figures (fixed / moving / warped / overlay)
 RESUME = True  # keep finished rows of an existing per_pair.csv
-COARSE_ITERATIONS = 2
-FINE_SIZE = 384
+COARSE_ITERATIONS = 2  # net: the registration procedure's settings (registrar.py)
+FINE_SIZES = "192,384,768"
 FINE_PATCHES = 40
 FINE_PATCH = 64
-FINE_ITERATIONS = 3
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
-POLISH_ITERATIONS = 0  # ECC steps on vessel edges after the fine stage (0 = none)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
 AGREE_PX = 3.0  # net confidence: share of fine patches within this many px of the fitted affine
 RETRY_BELOW = 0.5  # net: below this confidence, retry (patches from the identity, shifted starts)
@@ -96,19 +94,18 @@ def make_method(name, args):
 
         return name, METHODS[name]
     if name == "net" or name.endswith(".keras"):
-        from Network import NetRegistrar, load_network
+        from Network import load_network
+        from registrar import NetRegistrar
 
         path = args.MODEL if name == "net" else name
         registrar = NetRegistrar(
             load_network(path),
             coarse_iterations=args.COARSE_ITERATIONS,
-            fine_size=args.FINE_SIZE,
+            fine_sizes=args.FINE_SIZES,
             fine_patches=args.FINE_PATCHES,
             fine_patch=args.FINE_PATCH,
-            fine_iterations=args.FINE_ITERATIONS,
             aggregate=args.AGGREGATE,
             refine=args.REFINE,
-            polish_iterations=args.POLISH_ITERATIONS,
             agree_px=args.AGREE_PX,
             retry_below=args.RETRY_BELOW,
             retry_shift=args.RETRY_SHIFT,

@@ -164,7 +164,15 @@ def square_view(grey, size):
         grey, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT
     )
     view = cv2.resize(padded, (size, size), interpolation=cv2.INTER_AREA)
-    return _CLAHE.apply(view), scale_matrix(size / side) @ translation(left, top)
+    return _CLAHE.apply(view), square_frame(grey.shape, size)
+
+
+def square_frame(shape, size):
+    """view_from_image (3x3) of ``square_view``: an image of ``shape`` (h, w) padded to a centred
+    square and scaled to size x size."""
+    h, w = shape[:2]
+    side = max(h, w)
+    return scale_matrix(size / side) @ translation((side - w) // 2, (side - h) // 2)
 
 
 # ----------------------------------------------------------------------------------------------

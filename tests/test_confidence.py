@@ -6,6 +6,7 @@ import pytest
 from skimage import data
 
 import Network
+import registrar as procedure
 from common import GreyImage, apply_affine, fire_error, fov_mask
 
 MODEL = "models/fundusreg.keras"
@@ -20,7 +21,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def registrar(model):
-    return Network.NetRegistrar(model)
+    return procedure.NetRegistrar(model)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +82,14 @@ def test_unrelated_image_gets_low_confidence(registrar, retina):
 def test_a_wrong_network_guess_is_retried_from_the_identity(model, retina, monkeypatch):
     """Small motion, but the network's guess is 60 px off (at the coarse 64 px view: 5 px): the
     patches disagree with it, the fine stage reruns from the identity and is right."""
-    registrar = Network.NetRegistrar(model)
+    registrar = procedure.NetRegistrar(model)
     moving, points = moved(retina, about_centre(2, shift=(6, -4)))
     wrong = np.array([[[1.0, 0, 5], [0, 1, -5], [0, 0, 1]]])  # (1, 3, 3), as predict returns
     monkeypatch.setattr(registrar, "predict", lambda fixed, moving: wrong)
     result = registrar.register(grey(retina), grey(moving))
     assert fire_error(result.fixed_from_moving, points) < 2.0
     assert result.confidence >= 0.5
-    no_retry = Network.NetRegistrar(model, retry_below=0.0)
+    no_retry = procedure.NetRegistrar(model, retry_below=0.0)
     monkeypatch.setattr(no_retry, "predict", lambda fixed, moving: wrong)
     unretried = no_retry.register(grey(retina), grey(moving))
     assert unretried.confidence < 0.5  # the wrong start did fail, and said so
@@ -105,7 +106,7 @@ def test_patch_agreement_separates_consistent_from_stray_patches():
         centre = np.array([x + 32.0, y + 32.0])
         local[k, :2, 2] = apply_affine(truth, centre[None])[0] - centre
     local[:4, :2, 2] += [[15, 0], [0, -12], [9, 9], [-20, 4]]  # four stray patches
-    fit, residual = Network._fit_patch_motions(local, corners, 64, "trimmed")
+    fit, residual = procedure._fit_patch_motions(local, corners, 64, "trimmed")
     np.testing.assert_allclose(fit, truth, atol=1e-4)  # float32 points
     assert np.all(residual[:4] > 8) and np.all(residual[4:] < 1e-3)
 
@@ -113,7 +114,7 @@ def test_patch_agreement_separates_consistent_from_stray_patches():
 def test_retry_order_and_stop(model, retina, monkeypatch):
     """Low confidence: the patches from the identity (no network), then the network from each
     shifted start, until one is confident; the most confident result is kept."""
-    registrar = Network.NetRegistrar(model)
+    registrar = procedure.NetRegistrar(model)
     scripted = iter([0.1, 0.2, 0.3, 0.9, 1.0])
     calls = []
 
@@ -123,8 +124,8 @@ def test_retry_order_and_stop(model, retina, monkeypatch):
 
     monkeypatch.setattr(registrar, "_attempt", attempt)
     result = registrar.register(grey(retina), grey(retina))
-    step = Network.RETRY_SHIFT * registrar.size
-    passes = Network.COARSE_ITERATIONS
+    step = procedure.RETRY_SHIFT * registrar.size
+    passes = procedure.COARSE_ITERATIONS
     assert calls == [([0, 0], passes), ([0, 0], 0), ([step, 0], passes), ([-step, 0], passes)]
     assert result.confidence == 0.9
     assert result.fixed_from_moving[0, 0] == pytest.approx(4.0)  # the fourth attempt's matrix

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import DatasetCreator
-import Network
+import registrar
 import Testing
 from common import cli
 
@@ -22,11 +22,11 @@ MAX_ERROR_PX = 3.0
 MAX_MEDIAN_PX = 1.0
 
 
-def test_testing_defaults_are_the_networks():
-    names = ["COARSE_ITERATIONS", "FINE_SIZE", "FINE_PATCHES", "FINE_PATCH", "FINE_ITERATIONS"]
-    names += ["REFINE", "POLISH_ITERATIONS", "AGGREGATE", "AGREE_PX", "RETRY_BELOW", "RETRY_SHIFT"]
+def test_testing_defaults_are_the_registrars():
+    names = ["COARSE_ITERATIONS", "FINE_SIZES", "FINE_PATCHES", "FINE_PATCH", "REFINE"]
+    names += ["AGGREGATE", "AGREE_PX", "RETRY_BELOW", "RETRY_SHIFT"]
     for name in names:
-        assert getattr(Testing, name) == getattr(Network, name), name
+        assert getattr(Testing, name) == getattr(registrar, name), name
 
 
 @pytest.fixture(scope="module")

@@ -584,7 +584,8 @@ def test_testing_with_a_bad_model_file_exits_2(images, bad_models, tmp_path, fla
 
 def test_same_pair_same_model_gives_the_identical_matrix(images, model_path):
     from classical import register_sift
-    from Network import NetRegistrar, load_network
+    from Network import load_network
+    from registrar import NetRegistrar
 
     files, _ = images
     fixed, moving = read_image(files["fixed.jpg"]), read_image(files["moving.jpg"])

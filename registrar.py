@@ -1,0 +1,335 @@
+"""registrar.py - how a trained network registers a pair of images (Network.py is the network).
+
+``NetRegistrar.register(fixed, moving)`` returns ``fixed_from_moving`` in file pixels, coarse to
+fine:
+    1. coarse, the network: both whole images as COARSE views (padded square, INPUT_SIZE px,
+       CLAHE; common.square_view); the network predicts the motion, the moving view is re-warped
+       by the estimate and the network predicts the residual, COARSE_ITERATIONS times.
+    2. fine, one pass per entry of FINE_SIZES: at a square view of that side, FINE_PATCHES patches
+       of FINE_PATCH px where both fields of view overlap (under the current estimate) measure
+       their residual translation by phase correlation (REFINE = phase: OpenCV, closed form,
+       sub-pixel) or by the network (REFINE = net); each is taken back to view pixels (the
+       prototype's ``t_global`` formula) and ONE affine is fitted to them, robustly (AGGREGATE).
+       The passes go from coarse to fine: a small view first, where a patch reaches a residual
+       twice as large (the capture range of the network's estimate), then larger ones for
+       precision. A pass larger than the image works at the image's own size.
+    3. confidence: the share of patches whose motion agrees with the fitted affine within
+       AGREE_PX px, in the pass at CONFIDENCE_SIZE (the last one at most that size), less the 3
+       that any affine fits, and out of at least half of FINE_PATCHES (a small overlap is not
+       trusted). Right, the patches tell one story; wrong, they measure unrelated shifts and few
+       agree. Not in a
+       larger pass: there a 64 px patch covers too little of the retina, many see no vessel,
+       measure no shift, and so agree with a wrong estimate as well as with a right one.
+    4. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
+       most confident: first the fine stage from the identity (the network's guess can be wrong
+       where the images differ most in appearance, and a small motion is within the patches'
+       own reach), then the network from 8 starts shifted by RETRY_SHIFT of the side.
+       Without fine passes there is no retry, and the confidence is the normalised
+       cross-correlation of the coarse views (blind to errors of a pixel or two at 64 px).
+
+Frames (common.py's convention, 3x3 matrices named ``b_from_a``):
+    file: pixels of the file; image: its decoded pixels (``GreyImage.pixels``); level: an image
+    halved k times (cv2.resize, INTER_AREA); view: the image padded to a centred square and
+    scaled to S x S (``common.square_frame``); patch: a FINE_PATCH square whose top-left pixel
+    is (left, top) in the fixed view. The estimate carried between passes is
+    ``fixed_from_moving`` in IMAGE pixels; each pass works in its own fixed view.
+
+Patches are cut from the pyramid level nearest the pass's scale with cv2.warpAffine (a 64 px
+output each), never by warping whole views: a pass costs the same on a 3000 px image as on a
+768 px one, and no pixel is resampled twice.
+"""
+
+import cv2
+import numpy as np
+
+from common import (
+    Registration,
+    fit_affine,
+    fov_mask,
+    global_from_local,
+    norm_from_pixels,
+    scale_matrix,
+    square_frame,
+    square_view,
+    to3x3,
+    translation,
+)
+
+COARSE_ITERATIONS = 2
+FINE_SIZES = "192,384,768"  # one fine pass per entry: side of its square view ("" = coarse only)
+FINE_PATCHES = 40
+FINE_PATCH = 64  # side of the fine patches with REFINE = phase (with net: the network's input)
+REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
+AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
+AGREE_PX = 3.0  # a patch agrees with the fitted affine within this many px (confidence)
+CONFIDENCE_SIZE = 384  # the confidence is the agreement in the last pass at most this size
+RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, then the
+# network from 8 starts shifted by RETRY_SHIFT of the side (until one is confident)
+RETRY_SHIFT = 0.25  # 0 = no shifted starts
+MASK_SIZE = 192  # side of the views in which the fields of view are found
+
+
+class Pyramid:
+    """One image and its halved copies, to cut views and patches from at any scale."""
+
+    def __init__(self, pixels):
+        self.shape = pixels.shape
+        self.levels = [(pixels, np.eye(3))]  # (level pixels, level_from_image)
+        while max(self.levels[-1][0].shape) >= 2 * MASK_SIZE:
+            level, level_from_image = self.levels[-1]
+            h, w = level.shape
+            half = cv2.resize(level, ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)
+            scale = scale_matrix(half.shape[1] / w, half.shape[0] / h)
+            self.levels.append((half, scale @ level_from_image))
+
+    def level(self, size):
+        """(pixels, level_from_image) of the level nearest a square view of side ``size``."""
+        side = max(self.shape)
+        ratios = [abs(np.log(max(level.shape) / min(size, side))) for level, _ in self.levels]
+        return self.levels[int(np.argmin(ratios))]
+
+    def view(self, size):
+        """(square view uint8, view_from_image): common.square_view of the nearest larger level."""
+        larger = [lv for lv in self.levels if max(lv[0].shape) >= size] or self.levels[:1]
+        pixels, level_from_image = larger[-1]
+        view, view_from_level = square_view(pixels, size)
+        return view, view_from_level @ level_from_image
+
+    def patches(self, image_from_patch, size):
+        """Patches (K, size, size) uint8: patch k samples the image at ``image_from_patch[k]``,
+        bilinearly from the level nearest its scale."""
+        scale = np.sqrt(abs(np.linalg.det(image_from_patch[0][:2, :2])))
+        pixels, level_from_image = self.level(max(self.shape) / scale)
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        return np.stack(
+            [
+                cv2.warpAffine(pixels, (level_from_image @ m)[:2], (size, size), flags=flags)
+                for m in image_from_patch
+            ]
+        )
+
+
+class NetRegistrar:
+    """Registers pairs with a trained network, coarse to fine (see the module docstring)."""
+
+    def __init__(
+        self,
+        model,
+        coarse_iterations=COARSE_ITERATIONS,
+        fine_sizes=FINE_SIZES,
+        fine_patches=FINE_PATCHES,
+        fine_patch=FINE_PATCH,
+        aggregate=AGGREGATE,
+        refine=REFINE,
+        agree_px=AGREE_PX,
+        retry_below=RETRY_BELOW,
+        retry_shift=RETRY_SHIFT,
+    ):
+        import tensorflow as tf
+
+        if aggregate not in ("lmeds", "trimmed", "mean"):
+            raise ValueError(f"aggregate must be lmeds, trimmed or mean, not {aggregate!r}")
+        if refine not in ("net", "phase"):
+            raise ValueError(f"refine must be net or phase, not {refine!r}")
+        self.model = model
+        self.size = int(model.input_shape[1])
+        self.coarse_iterations = coarse_iterations
+        self.fine_sizes = [int(s) for s in str(fine_sizes).split(",") if s.strip() and int(s)]
+        self.fine_patches = fine_patches
+        self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
+        self.aggregate, self.refine = aggregate, refine
+        self.agree_px, self.retry_below = agree_px, retry_below
+        # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
+        # in 8 directions, which puts a larger motion back within the network's training range
+        step = retry_shift * self.size
+        self._starts = [
+            translation(dx * step, dy * step)
+            for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]
+            if step
+        ]
+        spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
+
+        def matrix(x):
+            return model(x, training=False)["matrix"]
+
+        # XLA-compiled: 1.7 ms instead of 2.4 ms a call on 2 cores, the same matrices
+        self._predict = tf.function(matrix, input_signature=[spec], jit_compile=True)
+        self._window = cv2.createHanningWindow((self.fine_patch,) * 2, cv2.CV_32F)
+        self.warm_up()
+
+    def warm_up(self):
+        """Run the whole procedure once on a made-up pair (traces the TensorFlow graph, starts
+        OpenCV's threads), so that the clock of the first real pair measures registration."""
+        from common import GreyImage
+
+        disc = np.zeros((512, 512), np.uint8)
+        cv2.circle(disc, (256, 256), 240, 255, -1)
+        noise = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
+        image = GreyImage(cv2.GaussianBlur(noise, (0, 0), 3) & disc, (512, 512), np.eye(3))
+        self.register(image, image)
+
+    def predict(self, fixed_patches, moving_patches):
+        """(K, P, P) uint8 pairs -> (K, 3, 3) ``fixedpatch_from_movingpatch`` in patch pixels."""
+        x = np.stack([fixed_patches, moving_patches], axis=-1).astype(np.float32)
+        norm = np.asarray(self._predict(x), np.float64)
+        n = norm_from_pixels(self.size)
+        return np.linalg.inv(n) @ np.stack([to3x3(m) for m in norm]) @ n
+
+    def phase(self, fixed_patches, moving_patches):
+        """Closed-form alternative to ``predict`` for small residuals: each patch's translation by
+        phase correlation (OpenCV, sub-pixel), as a (K, 3, 3) ``fixedpatch_from_movingpatch``."""
+        local = np.tile(np.eye(3), (len(fixed_patches), 1, 1))
+        for k, (f, m) in enumerate(zip(fixed_patches, moving_patches)):
+            (dx, dy), _ = cv2.phaseCorrelate(np.float32(f), np.float32(m), self._window)
+            local[k, :2, 2] = -dx, -dy  # m is f shifted by (dx, dy)
+        return local
+
+    def register(self, fixed, moving):
+        """GreyImage pair -> Registration with ``fixed_from_moving`` in file pixels."""
+        pyramids = Pyramid(fixed.pixels), Pyramid(moving.pixels)
+        coarse = [p.view(self.size) for p in pyramids]  # (view, view_from_image) each
+        masks = []
+        for p in pyramids:
+            view, view_from_image = p.view(MASK_SIZE)
+            masks.append((fov_mask(view) > 0, view_from_image))
+        fine = (pyramids, masks)
+        a, confidence = self._attempt(coarse, fine, np.eye(3), self.coarse_iterations)
+        if confidence < self.retry_below and self.coarse_iterations and self.fine_sizes:
+            # the patches from the identity, then the network from shifted starts
+            tries = [(np.eye(3), 0)] + [(start, self.coarse_iterations) for start in self._starts]
+            for start, passes in tries:
+                retry, retry_confidence = self._attempt(coarse, fine, start, passes)
+                if retry_confidence > confidence:
+                    a, confidence = retry, retry_confidence
+                if confidence >= self.retry_below:
+                    break
+        matrix = np.linalg.inv(fixed.decoded_from_file) @ a @ moving.decoded_from_file
+        if not np.all(np.isfinite(matrix)):
+            return Registration(None, 0.0, "network returned a non-finite matrix")
+        return Registration(matrix[:2], confidence)
+
+    def _attempt(self, coarse, fine, start, passes):
+        """From ``start`` (coarse fixedview_from_movingview): ``passes`` of the network, then the
+        fine passes. Returns (fixed_from_moving in image pixels, confidence)."""
+        (fixed_view, fixed_from), (moving_view, moving_from) = coarse
+        a = start
+        for _ in range(passes):
+            warped = cv2.warpAffine(moving_view, a[:2], (self.size, self.size))
+            a = self.predict(fixed_view[None], warped[None])[0] @ a
+        a = np.linalg.inv(fixed_from) @ a @ moving_from  # image pixels from here on
+        if not self.fine_sizes:
+            warped = cv2.warpAffine(moving_view, (fixed_from @ a @ np.linalg.inv(moving_from))[:2],
+                                    (self.size, self.size))  # fmt: skip
+            return a, _ncc(fixed_view, fov_mask(fixed_view), warped)
+        judged = ([s for s in self.fine_sizes if s <= CONFIDENCE_SIZE] or self.fine_sizes)[-1]
+        confidence = 0.0
+        for size in self.fine_sizes:
+            a, agreement = self._fine_pass(*fine, a, size)
+            if size == judged:
+                confidence = agreement
+        return a, confidence
+
+    def _fine_pass(self, pyramids, masks, a, size):
+        """One pass at a square view of side ``size``: refine ``a`` (fixed_from_moving, image
+        pixels) with patches where both fields of view overlap; returns it and the share of
+        patches that agree with the refined affine (the module docstring)."""
+        size = min(size, max(pyramids[0].shape))
+        p = min(self.fine_patch, size // 2)
+        view_from_image = square_frame(pyramids[0].shape, size)
+        image_from_view = np.linalg.inv(view_from_image)
+        corners = _patch_corners(masks, a, image_from_view, size, p, self.fine_patches)
+        if len(corners) < 3:  # (almost) no overlap at this scale: nothing to measure, nor trust
+            return a, 0.0
+        image_from_patch = np.stack([image_from_view @ translation(x, y) for x, y in corners])
+        moving_from_patch = np.linalg.inv(a) @ image_from_patch
+        fixed_patches = pyramids[0].patches(image_from_patch, p)
+        moving_patches = pyramids[1].patches(moving_from_patch, p)
+        estimate = self.predict if self.refine == "net" else self.phase
+        local = estimate(fixed_patches, moving_patches)
+        update, residual = _fit_patch_motions(local, corners, p, self.aggregate)
+        a = image_from_view @ update @ view_from_image @ a
+        # an affine goes through any 3 patches: those agree for free; and a result that only a
+        # few patches support (a small overlap) is not trusted
+        agree = np.count_nonzero(residual <= self.agree_px) - 3
+        return a, float(max(0, agree) / (max(len(corners), self.fine_patches / 2) - 3))
+
+
+def _patch_corners(masks, a, image_from_view, size, patch, count):
+    """Top-left corners (left, top), in the fixed view of side ``size``, of up to ``count``
+    patches on a regular grid whose four corners and centre lie in the fixed field of view and,
+    under ``a`` (fixed_from_moving, image pixels), in the moving one; the outermost first."""
+    (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
+    steps = max(2, int(np.ceil(np.sqrt(count))) + 1)
+    ticks = np.linspace(0, size - patch, steps + 1).round()
+    lefts, tops = (v.ravel() for v in np.meshgrid(ticks, ticks))
+    probes = np.array([[0, 0], [patch - 1, 0], [0, patch - 1], [patch - 1] * 2, [patch / 2] * 2])
+    points = np.stack([lefts, tops], -1)[:, None, :] + probes[None]  # (N, 5, 2) view pixels
+    inside = np.ones(len(lefts), bool)
+    for mask, mask_from_view in (
+        (fixed_mask, fixed_from @ image_from_view),
+        (moving_mask, moving_from @ np.linalg.inv(a) @ image_from_view),
+    ):
+        xy = points @ mask_from_view[:2, :2].T + mask_from_view[:2, 2]
+        x, y = np.round(xy[..., 0]).astype(int), np.round(xy[..., 1]).astype(int)
+        h, w = mask.shape
+        ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+        ok[ok] = mask[y[ok], x[ok]]
+        inside &= ok.all(axis=1)
+    centre = (size - patch) / 2
+    corners = [(int(x), int(y)) for x, y in zip(lefts[inside], tops[inside])]
+    order = np.argsort([abs(x - centre) + abs(y - centre) for x, y in corners])
+    return [corners[i] for i in order[::-1][:count]]  # prefer the outermost: best leverage
+
+
+def _fit_patch_motions(local, corners, size, aggregate):
+    """One residual affine (view pixels) from per-patch local matrices (patch pixels), and how far
+    each patch's motion is from it (pixels, the worst of the patch's points).
+
+    Each patch moves its own points by its local matrix, taken back to view pixels
+    (``t_global = t_local + (l, t) - L (l, t)``): its centre alone when the local matrices are
+    translations (phase correlation: one independent measurement per patch), else a 3x3 grid.
+    One affine goes through those point pairs: ``trimmed`` by least squares, refitted without
+    the points that the first fit leaves more than max(1.5 px, 2.5 x the median residual) away;
+    ``lmeds`` by least median of squares; ``mean`` averages the patches' full-image matrices
+    (the prototype's aggregate)."""
+    translations_only = np.allclose(local[:, :2, :2], np.eye(2))
+    ticks = [size / 2] if translations_only else [0, size / 2, size - 1]
+    grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2) in patch pixels
+    origin = np.asarray(corners, np.float64)[:, None, :]  # (K, 1, 2): each patch's (left, top)
+    moved = grid @ local[:, :2, :2].transpose(0, 2, 1) + local[:, None, :2, 2]  # (K, G, 2)
+    src = (grid + origin).reshape(-1, 2).astype(np.float32)
+    dst = (moved + origin).reshape(-1, 2).astype(np.float32)
+    fit = None
+    if aggregate == "lmeds" and len(corners) >= 3:
+        fit, _ = cv2.estimateAffine2D(src, dst, method=cv2.LMEDS)
+    if aggregate == "trimmed" and len(corners) >= 3:
+        fit = _trimmed_fit(src, dst)
+    if fit is None:  # the prototype's mean of the patches' full-image matrices
+        fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
+    fit = to3x3(fit)
+    miss = np.linalg.norm(src @ fit[:2, :2].T + fit[:2, 2] - dst, axis=1)
+    return fit, miss.reshape(len(corners), -1).max(axis=1)
+
+
+def _trimmed_fit(src, dst):
+    """Least-squares affine, refitted once without the outlying points; None if degenerate."""
+    try:
+        fit, residual = fit_affine(src, dst)
+        keep = residual <= max(1.5, 2.5 * np.median(residual))
+        if 3 <= keep.sum() < len(src):
+            fit, _ = fit_affine(src[keep], dst[keep])
+    except ValueError:  # fewer than 3 points left, or all on one line
+        return None
+    return fit
+
+
+def _ncc(fixed, mask, warped):
+    """Normalised cross-correlation of fixed and warped moving inside the fixed FOV, in [0, 1]."""
+    inside = (mask > 0) & (warped > 0)
+    if inside.sum() < 100:
+        return 0.0
+    f = fixed[inside].astype(np.float64)
+    w = warped[inside].astype(np.float64)
+    f, w = f - f.mean(), w - w.mean()
+    denom = np.sqrt((f * f).sum() * (w * w).sum())
+    return float(max(0.0, (f * w).sum() / denom)) if denom > 0 else 0.0
