@@ -23,13 +23,19 @@ Outputs of ``--data`` (per method; in OUT/<method>/ when several are given):
                    full-resolution pixels; bad = failed, inaccurate or error > BAD_PX;
                    low_confidence = confidence < LOW_CONFIDENCE (each method's own confidence:
                    net, agreement of its patches; sift/orb, RANSAC inliers; ecc, correlation).
-    figures/<pair>.png   fixed, moving, warped moving, overlay with the control points;
+    figures/<pair>.png   fixed, moving, warped moving; overlay with the control points,
+                   checkerboard of fixed and warped tiles, and a zoom into it (pair_figure);
     success_rate.png, confidence.png (confidence against error).
 With several methods, also OUT/comparison.md, OUT/comparison.csv and OUT/success_rate.png.
-Outputs of ``--fixed/--moving``: OUT/result.json, OUT/warped.png, OUT/overlay.png.
+The run ends by printing each folder and the files written there.
+Outputs of ``--fixed/--moving``: OUT/result.json, OUT/warped.png (the moving image laid over the
+fixed one), OUT/overlay.png (fixed magenta, warped green), OUT/checkerboard.png (tiles of fixed
+and warped in turn: vessels unbroken across tile edges = aligned); one line printed: the matrix,
+the confidence, the milliseconds and the folder with its files.
 """
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -58,7 +64,7 @@ METHOD = "net"  # comma-separated: net, a .keras path, sift, orb, ecc
 MODEL = "models/fundusreg.keras"
 OUT = "results/sample"
 THREADS = 2
-FIGURES = True  # per-pair figures (fixed / moving / warped / overlay)
+FIGURES = True  # per-pair figures (fixed / moving / warped / overlay / checkerboard)
 RESUME = True  # keep finished rows of an existing per_pair.csv
 COARSE_ITERATIONS = 2  # net: the registration procedure's settings (registrar.py)
 FINE_SIZES = "192,384,768"
@@ -146,21 +152,73 @@ def warp_to_fixed(fixed, moving, fixed_from_moving):
     return cv2.warpAffine(moving.pixels, a[:2], (w, h))
 
 
+_CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+
+
+def equalised(grey):
+    """CLAHE of a grey uint8 image (as the network sees it): vessels stand out and the brightness
+    of two photographs differs less, so a checkerboard shows their geometry, not their exposure."""
+    return _CLAHE.apply(grey)
+
+
+def checkerboard(fixed, warped, tiles=8):
+    """Checkerboard mosaic of two grey uint8 images of the same shape (H, W): square tiles of side
+    round(max(H, W) / tiles) px, taken from ``fixed`` where (tile row + tile column) is even, so
+    the top-left tile is fixed, and from ``warped`` (the moving image laid over the fixed one,
+    ``warp_to_fixed``) where it is odd. Aligned, vessels run on unbroken across tile edges;
+    misaligned, they step or break there."""
+    if fixed.shape != warped.shape or fixed.ndim != 2:
+        raise ValueError(f"need two grey images of one shape, got {fixed.shape} and {warped.shape}")
+    h, w = fixed.shape
+    side = max(1, round(max(h, w) / tiles))
+    odd = (np.arange(h)[:, None] // side + np.arange(w)[None, :] // side) % 2 == 1
+    return np.where(odd, warped, fixed)
+
+
+def zoom_box(fixed, warped, tiles=8):
+    """(top, left, side) of a square two checkerboard tiles wide, centred on the tile corner whose
+    two edges cross the most vessel (black-hat of ``fixed``, where both images have content):
+    where a misalignment shows, at a size a figure panel can show at full resolution or more."""
+    h, w = fixed.shape
+    tile = max(1, round(max(h, w) / tiles))
+    k = 2 * max(1, round(max(h, w) / 100)) + 1  # a little wider than the widest vessels
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    both = cv2.erode(((fixed > 10) & (warped > 10)).astype(np.uint8), kernel)
+    vessels = (cv2.morphologyEx(fixed, cv2.MORPH_BLACKHAT, kernel) * both).astype(np.int64)
+    best, top, left = -1, 0, 0
+    for y in range(tile, h - tile + 1, tile):
+        for x in range(tile, w - tile + 1, tile):
+            cross = vessels[y - tile : y + tile, x - 1 : x + 1].sum()
+            cross += vessels[y - 1 : y + 1, x - tile : x + tile].sum()
+            if cross > best:
+                best, top, left = cross, y - tile, x - tile
+    return top, left, min(2 * tile, h, w)
+
+
 def pair_figure(path, fixed, moving, result, points=None, title=""):
+    """Six panels in two rows: fixed, moving, moving warped onto fixed; the colour overlay (with
+    the control points when given), the checkerboard of fixed and warped (both ``equalised``) and
+    a zoom into it (the yellow box). Returns the panel titles in order."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
-    warped = None
-    if result.fixed_from_moving is not None:
-        warped = warp_to_fixed(fixed, moving, result.fixed_from_moving)
-    panels = [("fixed", fixed.pixels), ("moving", moving.pixels)]
-    panels += [("moving warped onto fixed", warped), ("overlay: fixed magenta, warped green", None)]
-    for axis, (name, img) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 10.6), layout="constrained")
+    axes = axes.ravel()
+    names = ["fixed", "moving", "moving warped onto fixed", "overlay: fixed magenta, warped green"]
+    names += ["checkerboard: fixed and warped tiles", "checkerboard zoom (yellow box)"]
+    for axis, name in zip(axes, names):
         axis.set_title(name)
         axis.axis("off")
-        if img is not None:
-            axis.imshow(img, cmap="gray")
-    if warped is not None:
+    axes[0].imshow(fixed.pixels, cmap="gray")
+    axes[1].imshow(moving.pixels, cmap="gray")
+    if result.fixed_from_moving is not None:
+        warped = warp_to_fixed(fixed, moving, result.fixed_from_moving)
+        axes[2].imshow(warped, cmap="gray")
         axes[3].imshow(overlay(fixed.pixels, warped))
+        board = checkerboard(equalised(fixed.pixels), equalised(warped))
+        top, left, side = zoom_box(fixed.pixels, warped)
+        axes[4].imshow(board, cmap="gray", vmin=0, vmax=255)
+        axes[4].add_patch(plt.Rectangle((left, top), side, side, fill=False, ec="yellow", lw=2))
+        zoom = board[top : top + side, left : left + side]
+        axes[5].imshow(zoom, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         if points is not None:
             from common import apply_affine
 
@@ -175,7 +233,38 @@ def pair_figure(path, fixed, moving, result, points=None, title=""):
             )
             axes[3].legend(loc="lower right", fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    save(fig, path)
+    return names
+
+
+def misalignment_figure(result_json, path="docs/checkerboard.png", shift_px=3.0):
+    """What a misalignment looks like: the checkerboard zoom (``zoom_box``) of a pair registered by
+    the single-pair command (its ``result.json``) beside the same with the moving image moved
+    ``shift_px`` further down (fixed-file pixels; the large vessels of a fundus run mostly across
+    the vertical tile edges, where a vertical step shows). The README's figure:
+
+        python -c "import Testing; Testing.misalignment_figure('results/one/result.json')"
+    """
+    from common import translation
+
+    result = json.loads(Path(result_json).read_text())
+    fixed, moving = read_image(result["fixed"]), read_image(result["moving"])
+    registered = np.array(result["fixed_from_moving"])
+    moved = (translation(0, shift_px) @ np.vstack([registered, [0, 0, 1]]))[:2]
+    top, left, side = zoom_box(fixed.pixels, warp_to_fixed(fixed, moving, registered))
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(15, 8), layout="constrained")
+    names = ["as registered", f"moved {shift_px:g} px further down"]
+    for axis, m, name in zip(axes, (registered, moved), names):
+        board = checkerboard(equalised(fixed.pixels), equalised(warp_to_fixed(fixed, moving, m)))
+        zoom = board[top : top + side, left : left + side]
+        axis.imshow(zoom, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        axis.set_title(name)
+        axis.axis("off")
+    fig.suptitle(
+        f"Checkerboard of {Path(result['fixed']).name} and {Path(result['moving']).name}: "
+        f"a {side} px square, tiles of {side // 2} px"
+    )
     save(fig, path)
 
 
@@ -391,11 +480,16 @@ def comparison(out, summaries, errors_by_method):
     print("\n".join(lines))
 
 
+def written(folder, names):
+    """One line naming a folder and the files just written there: ``folder/: a, b, c``."""
+    return f"{Path(folder).as_posix().rstrip('/')}/: {', '.join(names)}"
+
+
 def run_folder(args, methods):
     pairs = read_fire(args.DATA)
     set_threads(args.THREADS, any(m not in CLASSICAL for m in methods))  # after the checks
     out = Path(args.OUT)
-    summaries, errors = [], {}
+    summaries, errors, files = [], {}, []
     for name in methods:
         label, register = make_method(name, args)
         folder = out if len(methods) == 1 else out / label
@@ -406,10 +500,18 @@ def run_folder(args, methods):
             f"{label}: mAUC {num['mAUC']}, median error {num['median_error_px']} px, "
             f"{summary['failed']} failed, {summary['inaccurate']} inaccurate, "
             f"{summary['low_confidence']} low confidence, "
-            f"median {num['median_seconds']} s per pair -> {folder}"
+            f"median {num['median_seconds']} s per pair"
         )
+        names = ["summary.json", "per_pair.csv", "success_rate.png", "confidence.png"]
+        if args.FIGURES:
+            count = len(list((folder / "figures").glob("*.png")))
+            names.append(f"figures/ ({count} pair{'s' * (count != 1)})")
+        files.append(f"{label} -> {written(folder, names)}")
     if len(methods) > 1:
         comparison(out, summaries, errors)
+        names = ["comparison.md", "comparison.csv", "success_rate.png"]
+        files.append(f"all methods -> {written(out, names)}")
+    print("\n".join(files))
 
 
 def run_pair(args, methods):
@@ -446,16 +548,21 @@ def run_pair(args, methods):
             "cv2.warpAffine(moving, M, fixed_size) lays moving over fixed",
         },
     )
-    warped = warp_to_fixed(fixed, moving, m)
-    for name, img in (("warped.png", warped), ("overlay.png", overlay(fixed.pixels, warped))):
-        ok, data = cv2.imencode(".png", img if img.ndim == 2 else img[:, :, ::-1])
+    warped = warp_to_fixed(fixed, moving, m)  # in the fixed image's decoded pixels
+    images = {
+        "warped.png": warped,
+        "overlay.png": overlay(fixed.pixels, warped)[:, :, ::-1],  # RGB -> OpenCV's BGR
+        "checkerboard.png": checkerboard(equalised(fixed.pixels), equalised(warped)),
+    }
+    for name, img in images.items():
+        ok, data = cv2.imencode(".png", img)
         write_atomic(out / name, data.tobytes())
     low = result.confidence < args.LOW_CONFIDENCE
     doubt = " (low: the result is probably wrong)" if low else ""
     print(
-        f"fixed_from_moving = {np.array2string(m, precision=4)}; "
-        f"confidence {result.confidence:.2f}{doubt}; "
-        f"{seconds * 1000:.1f} ms -> {out}"
+        f"fixed_from_moving {json.dumps(np.round(m, 4).tolist())}; "
+        f"confidence {result.confidence:.2f}{doubt}; {seconds * 1000:.1f} ms -> "
+        + written(out, ["result.json", *images])
     )
 
 
