@@ -31,6 +31,9 @@ name then renamed, and listed in the manifest only once complete: rerunning skip
 
 import hashlib
 import json
+import shlex
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -308,7 +311,7 @@ def load_fire(args):
             a = fixed.decoded_from_file @ to3x3(a) @ np.linalg.inv(moving.decoded_from_file)
             pairs.append((f"{root.name}/{item.pair}", fixed.pixels, moving.pixels, a))
         except InputError as e:
-            failed.append({"source": item.pair, "reason": str(e)})
+            failed.append({"source": f"{root.name}/{item.pair}", "reason": str(e)})
     return pairs, failed
 
 
@@ -434,6 +437,7 @@ def config_key(args):
 
 
 def main(args):
+    start = time.perf_counter()  # the manifest adds up the seconds of every run that wrote shards
     photos, failed_photos = load_photos(args)
     if args.WRITE_SAMPLE:
         if not photos:
@@ -461,6 +465,7 @@ def main(args):
     if manifest.get("config_key") != key:
         manifest = {"config_key": key, "shards": []}
     manifest.update(
+        command=shlex.join(["python", *sys.argv]),
         config=vars(args),
         patch_size=args.PATCH_SIZE,
         failed=failed_photos + failed_fire,
@@ -505,6 +510,8 @@ def main(args):
         manifest["shards"] = [sh for sh in manifest["shards"] if sh["name"] != name] + [
             {"name": name, "split": s, "count": len(xs)}
         ]
+        manifest["seconds"] = round(manifest.get("seconds", 0) + time.perf_counter() - start, 1)
+        start = time.perf_counter()
         write_json(manifest_path, manifest)
     counts = {
         s: sum(sh["count"] for sh in manifest["shards"] if sh["split"] == s)

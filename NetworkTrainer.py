@@ -13,6 +13,7 @@ run folder RUN_DIR holds the backup, best checkpoint, history.csv and loss.png.
 """
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -300,7 +301,9 @@ def main(args):
             "threads": args.THREADS or "tensorflow default",
             "trainer_settings": vars(args),
             "dataset": manifest.get("config"),
-            "command": " ".join(sys.argv),
+            "dataset_command": manifest.get("command"),
+            "dataset_seconds": manifest.get("seconds"),
+            "command": shlex.join(["python", *sys.argv]),
         },
     )
     print(

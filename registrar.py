@@ -83,13 +83,15 @@ class Pyramid:
             self.levels.append((half, scale @ level_from_image))
 
     def level(self, size):
-        """(pixels, level_from_image) of the level nearest a square view of side ``size``."""
+        """(pixels, level_from_image) of the level nearest a square view of side ``size`` (a
+        patch cut from a level twice as fine by bilinear sampling would alias)."""
         side = max(self.shape)
         ratios = [abs(np.log(max(level.shape) / min(size, side))) for level, _ in self.levels]
         return self.levels[int(np.argmin(ratios))]
 
     def view(self, size):
-        """(square view uint8, view_from_image): common.square_view of the nearest larger level."""
+        """(square view uint8, view_from_image): common.square_view of the nearest larger level
+        (cv2.resize's INTER_AREA does not alias)."""
         larger = [lv for lv in self.levels if max(lv[0].shape) >= size] or self.levels[:1]
         pixels, level_from_image = larger[-1]
         view, view_from_level = square_view(pixels, size)

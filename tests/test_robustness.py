@@ -645,10 +645,12 @@ def test_dataset_creator_skips_bad_photos_and_pairs_and_goes_on(images, big_pair
         assert any(word in reason for word in BAD_IMAGES[name]), reason
     for pair, want in expected.items():
         if want is None:
-            assert pair in manifest["sources"]
+            assert f"fire/{pair}" in manifest["sources"]
         else:
-            assert want[0] in failed[pair] and want[1] in failed[pair], failed[pair]
-    assert set(manifest["sources"]) == set(good_photos) | {"big8000.jpg", "S01", "S02", "P01"}
+            reason = failed[f"fire/{pair}"]
+            assert want[0] in reason and want[1] in reason, reason
+    fire = {"fire/S01", "fire/S02", "fire/P01"}
+    assert set(manifest["sources"]) == set(good_photos) | {"big8000.jpg"} | fire
     check_shards(out, manifest)
 
 
