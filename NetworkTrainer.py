@@ -28,7 +28,7 @@ from Network import CornerLoss, build_network
 DATA = "data/patches"
 OUT = "models/fundusreg.keras"
 RUN_DIR = "runs/train"
-EPOCHS = 20
+EPOCHS = 16
 BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
 HEAD_LOSS_WEIGHT = 1000.0  # MSE of normalised matrix entries is ~1e-4 where corners move ~1 px

@@ -67,6 +67,7 @@ THREADS = 2
 FIGURES = True  # per-pair figures (fixed / moving / warped / overlay / checkerboard)
 RESUME = True  # keep finished rows of an existing per_pair.csv
 COARSE_ITERATIONS = 2  # net: the registration procedure's settings (registrar.py)
+ZOOM_ITERATIONS = 2
 FINE_SIZES = "192,384,768"
 FINE_PATCHES = 40
 FINE_PATCH = 64
@@ -107,6 +108,7 @@ def make_method(name, args):
         registrar = NetRegistrar(
             load_network(path),
             coarse_iterations=args.COARSE_ITERATIONS,
+            zoom_iterations=args.ZOOM_ITERATIONS,
             fine_sizes=args.FINE_SIZES,
             fine_patches=args.FINE_PATCHES,
             fine_patch=args.FINE_PATCH,

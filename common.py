@@ -154,9 +154,10 @@ class Registration:
 _CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
 
 
-def square_view(grey, size):
+def square_view(grey, size, equalise=True):
     """The network's view of an image (training data and registration alike): padded to a
-    centred square, resized to size x size, CLAHE. Returns (view uint8, view_from_image 3x3)."""
+    centred square, resized to size x size, CLAHE (unless ``equalise`` is False). Returns
+    (view uint8, view_from_image 3x3)."""
     h, w = grey.shape
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
@@ -164,7 +165,12 @@ def square_view(grey, size):
         grey, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT
     )
     view = cv2.resize(padded, (size, size), interpolation=cv2.INTER_AREA)
-    return _CLAHE.apply(view), square_frame(grey.shape, size)
+    return _CLAHE.apply(view) if equalise else view, square_frame(grey.shape, size)
+
+
+def equalise(grey):
+    """Contrast-limited histogram equalisation (CLAHE), as ``square_view`` applies it."""
+    return _CLAHE.apply(np.ascontiguousarray(grey))
 
 
 def square_frame(shape, size):

@@ -44,6 +44,7 @@ import numpy as np
 
 from common import (
     Registration,
+    equalise,
     fit_affine,
     fov_mask,
     global_from_local,
@@ -56,6 +57,8 @@ from common import (
 )
 
 COARSE_ITERATIONS = 2
+ZOOM = 2  # then the network on the central 1/ZOOM of views ZOOM times as large ...
+ZOOM_ITERATIONS = 2  # ... this many times (0 = none)
 FINE_SIZES = "192,384,768"  # one fine pass per entry: side of its square view ("" = coarse only)
 FINE_PATCHES = 40
 FINE_PATCH = 64  # side of the fine patches with REFINE = phase (with net: the network's input)
@@ -63,6 +66,7 @@ REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase cor
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
 AGREE_PX = 3.0  # a patch agrees with the fitted affine within this many px (confidence)
 CONFIDENCE_SIZE = 384  # the confidence is the agreement in the last pass at most this size
+KEEP_FINER_ABOVE = 0.5  # a pass finer than that is kept only if this share of its patches agree
 RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, then the
 # network from 8 starts shifted by RETRY_SHIFT of the side (until one is confident)
 RETRY_SHIFT = 0.25  # 0 = no shifted starts
@@ -89,12 +93,12 @@ class Pyramid:
         ratios = [abs(np.log(max(level.shape) / min(size, side))) for level, _ in self.levels]
         return self.levels[int(np.argmin(ratios))]
 
-    def view(self, size):
+    def view(self, size, equalise=True):
         """(square view uint8, view_from_image): common.square_view of the nearest larger level
         (cv2.resize's INTER_AREA does not alias)."""
         larger = [lv for lv in self.levels if max(lv[0].shape) >= size] or self.levels[:1]
         pixels, level_from_image = larger[-1]
-        view, view_from_level = square_view(pixels, size)
+        view, view_from_level = square_view(pixels, size, equalise)
         return view, view_from_level @ level_from_image
 
     def patches(self, image_from_patch, size):
@@ -118,6 +122,7 @@ class NetRegistrar:
         self,
         model,
         coarse_iterations=COARSE_ITERATIONS,
+        zoom_iterations=ZOOM_ITERATIONS,
         fine_sizes=FINE_SIZES,
         fine_patches=FINE_PATCHES,
         fine_patch=FINE_PATCH,
@@ -135,7 +140,7 @@ class NetRegistrar:
             raise ValueError(f"refine must be net or phase, not {refine!r}")
         self.model = model
         self.size = int(model.input_shape[1])
-        self.coarse_iterations = coarse_iterations
+        self.coarse_iterations, self.zoom_iterations = coarse_iterations, zoom_iterations
         self.fine_sizes = [int(s) for s in str(fine_sizes).split(",") if s.strip() and int(s)]
         self.fine_patches = fine_patches
         self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
@@ -179,17 +184,25 @@ class NetRegistrar:
 
     def phase(self, fixed_patches, moving_patches):
         """Closed-form alternative to ``predict`` for small residuals: each patch's translation by
-        phase correlation (OpenCV, sub-pixel), as a (K, 3, 3) ``fixedpatch_from_movingpatch``."""
+        phase correlation (OpenCV, sub-pixel), as a (K, 3, 3) ``fixedpatch_from_movingpatch``.
+        Each patch's best-fitting plane is subtracted first: an illumination gradient or haze
+        across a patch (which the two visits do not share) would otherwise weigh as much in the
+        whitened spectrum as the vessels, and pull the peak towards no shift."""
         local = np.tile(np.eye(3), (len(fixed_patches), 1, 1))
+        flat = _flatten(np.concatenate([fixed_patches, moving_patches]))
+        fixed_patches, moving_patches = flat[: len(fixed_patches)], flat[len(fixed_patches) :]
         for k, (f, m) in enumerate(zip(fixed_patches, moving_patches)):
-            (dx, dy), _ = cv2.phaseCorrelate(np.float32(f), np.float32(m), self._window)
+            (dx, dy), _ = cv2.phaseCorrelate(f, m, self._window)
             local[k, :2, 2] = -dx, -dy  # m is f shifted by (dx, dy)
         return local
 
     def register(self, fixed, moving):
         """GreyImage pair -> Registration with ``fixed_from_moving`` in file pixels."""
         pyramids = Pyramid(fixed.pixels), Pyramid(moving.pixels)
-        coarse = [p.view(self.size) for p in pyramids]  # (view, view_from_image) each
+        coarse = (  # (view, view_from_image) of each image, whole and zoomed
+            [p.view(self.size) for p in pyramids],
+            [p.view(ZOOM * self.size, equalise=False) for p in pyramids],
+        )
         masks = []
         for p in pyramids:
             view, view_from_image = p.view(MASK_SIZE)
@@ -213,12 +226,14 @@ class NetRegistrar:
     def _attempt(self, coarse, fine, start, passes):
         """From ``start`` (coarse fixedview_from_movingview): ``passes`` of the network, then the
         fine passes. Returns (fixed_from_moving in image pixels, confidence)."""
-        (fixed_view, fixed_from), (moving_view, moving_from) = coarse
+        (fixed_view, fixed_from), (moving_view, moving_from) = coarse[0]
         a = start
         for _ in range(passes):
             warped = cv2.warpAffine(moving_view, a[:2], (self.size, self.size))
             a = self.predict(fixed_view[None], warped[None])[0] @ a
         a = np.linalg.inv(fixed_from) @ a @ moving_from  # image pixels from here on
+        if passes and self.zoom_iterations:
+            a = self._zoom(*coarse[1], a)
         if not self.fine_sizes:
             warped = cv2.warpAffine(moving_view, (fixed_from @ a @ np.linalg.inv(moving_from))[:2],
                                     (self.size, self.size))  # fmt: skip
@@ -226,10 +241,30 @@ class NetRegistrar:
         judged = ([s for s in self.fine_sizes if s <= CONFIDENCE_SIZE] or self.fine_sizes)[-1]
         confidence = 0.0
         for size in self.fine_sizes:
-            a, agreement = self._fine_pass(*fine, a, size)
+            refined, agreement = self._fine_pass(*fine, a, size)
+            if size > judged and agreement < KEEP_FINER_ABOVE:
+                break  # too fine for this pair (blur, little texture): the patches disagree
+            a = refined
             if size == judged:
                 confidence = agreement
         return a, confidence
+
+    def _zoom(self, fixed, moving, a):
+        """ZOOM_ITERATIONS network passes on the central part of views ZOOM times as large as the
+        coarse ones (the same network input size, so ZOOM times finer): the coarse estimate's
+        residual, ZOOM times more precisely. Each crop is equalised (CLAHE) on its own, as the
+        network's inputs are in training. Takes and returns fixed_from_moving in image pixels."""
+        (fixed_view, fixed_from), (moving_view, moving_from) = fixed, moving
+        side, p = fixed_view.shape[0], self.size
+        crop_from_view = translation(-(side - p) // 2, -(side - p) // 2)
+        top = (side - p) // 2
+        fixed_crop = equalise(fixed_view[top : top + p, top : top + p])
+        v = fixed_from @ a @ np.linalg.inv(moving_from)  # fixedview_from_movingview
+        for _ in range(self.zoom_iterations):
+            warped = cv2.warpAffine(moving_view, (crop_from_view @ v)[:2], (p, p))
+            update = self.predict(fixed_crop[None], equalise(warped)[None])[0]
+            v = np.linalg.inv(crop_from_view) @ update @ crop_from_view @ v
+        return np.linalg.inv(fixed_from) @ v @ moving_from
 
     def _fine_pass(self, pyramids, masks, a, size):
         """One pass at a square view of side ``size``: refine ``a`` (fixed_from_moving, image
@@ -254,6 +289,21 @@ class NetRegistrar:
         # few patches support (a small overlap) is not trusted
         agree = np.count_nonzero(residual <= self.agree_px) - 3
         return a, float(max(0, agree) / (max(len(corners), self.fine_patches / 2) - 3))
+
+
+def _flatten(patches):
+    """(K, P, P) patches as float32, each less its least-squares plane a x + b y + c (on a square
+    grid, the centred x, y and 1 are orthogonal: three projections)."""
+    k, p = patches.shape[:2]
+    values = patches.reshape(k, -1).astype(np.float32)
+    ramp = np.arange(p, dtype=np.float32) - (p - 1) / 2
+    xs, ys = np.tile(ramp, p), np.repeat(ramp, p)
+    norm = float(ramp @ ramp) * p
+    slopes = values @ np.stack([xs, ys], axis=1) / norm  # (K, 2)
+    values -= values.mean(axis=1, keepdims=True)
+    values -= slopes[:, :1] * xs
+    values -= slopes[:, 1:] * ys
+    return values.reshape(k, p, p)
 
 
 def _patch_corners(masks, a, image_from_view, size, patch, count):

@@ -16,14 +16,16 @@ from common import cli
 
 MODEL = "models/fundusreg.keras"
 # Bounds on the FIRE error (px, 768-px images) of the generated pairs with the shipped model: each
-# pair, and their median. Measured: 0.23 to 0.74 px (median 0.45). The pairs carry a smooth
-# non-affine distortion, so even the best affine leaves some error.
+# pair, and their median. Measured: 0.47 to 1.34 px (median 0.69; SIFT fails P01 and has a
+# median of 0.98 px). The pairs carry a smooth non-affine distortion, so even the best affine
+# leaves some error.
 MAX_ERROR_PX = 3.0
 MAX_MEDIAN_PX = 1.0
 
 
 def test_testing_defaults_are_the_registrars():
-    names = ["COARSE_ITERATIONS", "FINE_SIZES", "FINE_PATCHES", "FINE_PATCH", "REFINE"]
+    names = ["COARSE_ITERATIONS", "ZOOM_ITERATIONS", "FINE_SIZES", "FINE_PATCHES", "FINE_PATCH"]
+    names += ["REFINE"]
     names += ["AGGREGATE", "AGREE_PX", "RETRY_BELOW", "RETRY_SHIFT"]
     for name in names:
         assert getattr(Testing, name) == getattr(registrar, name), name
@@ -42,6 +44,8 @@ def generated(tmp_path_factory):
         "7",
         "--synth-size",
         "768",
+        "--max-shift",
+        "0.35",  # P pairs: up to 35 % of the side (the default 45 % goes past SIFT too)
     ]
     DatasetCreator.main(cli(vars(DatasetCreator), "", argv))
     return root
