@@ -129,3 +129,39 @@ def test_retry_order_and_stop(model, retina, monkeypatch):
     assert calls == [([0, 0], passes), ([0, 0], 0), ([step, 0], passes), ([-step, 0], passes)]
     assert result.confidence == 0.9
     assert result.fixed_from_moving[0, 0] == pytest.approx(4.0)  # the fourth attempt's matrix
+
+
+@pytest.mark.parametrize(
+    "motion",
+    [about_centre(-15, 1.0, shift=(230, -90)), about_centre(20, 1.05, shift=(-250, 60))],
+    ids=["30%-shift", "33%-shift-20deg"],
+)
+def test_large_motion_is_registered(registrar, retina, motion):
+    """A third of the side and 15-20 degrees (real P pairs move 35-45 %): beyond the first
+    model's range, within this one's. Measured: 0.03 and 0.06 px, confidence 1.0."""
+    moving, points = moved(retina, motion)
+    result = registrar.register(grey(retina), grey(moving))
+    assert fire_error(result.fixed_from_moving, points) < 1.0
+    assert result.confidence >= 0.5
+
+
+def test_a_finer_pass_whose_patches_disagree_is_not_kept(registrar, retina, monkeypatch):
+    """Past CONFIDENCE_SIZE, a pass is kept only where KEEP_FINER_ABOVE of its patches agree (a
+    blurred pair has too little texture for small patches at full resolution); the confidence
+    stays that of the CONFIDENCE_SIZE pass."""
+    agreements = {192: 0.9, 384: 0.8, 768: 0.2}
+    seen = []
+
+    def fine_pass(pyramids, masks, a, size):
+        seen.append(size)
+        return np.diag([size, size, 1.0]), agreements[size]  # tells the passes apart
+
+    monkeypatch.setattr(registrar, "_fine_pass", fine_pass)
+    result = registrar.register(grey(retina), grey(retina))
+    assert seen == [192, 384, 768]
+    assert result.fixed_from_moving[0, 0] == pytest.approx(384)  # the 768 pass was dropped
+    assert result.confidence == pytest.approx(0.8)
+    agreements[768] = 0.6
+    seen.clear()
+    kept = registrar.register(grey(retina), grey(retina))
+    assert kept.fixed_from_moving[0, 0] == pytest.approx(768) and kept.confidence == 0.8
