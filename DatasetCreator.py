@@ -1,24 +1,26 @@
 """DatasetCreator.py - step 1 of 4: image pairs -> patch pairs and their target matrices, in shards.
 
-Pairs come from two kinds of source (either or both):
-    --fire DIR    a FIRE-layout folder: each pair's affine is fitted (least squares) to its control
-                  points, its residual reported; pairs whose translation exceeds MAX_TRANSLATION
-                  (fraction of the image side, the prototype's 220 px at 1024) are skipped.
-    --photos DIR  single photographs (and skimage.data.retina() when --retina true): each makes
-                  PAIRS_PER_PHOTO pairs by synthetic motion, a known random affine plus a small
-                  smooth distortion, seen through one circular aperture, with photometric change
-                  (exposure, colour, illumination, blur, noise, JPEG) on both images.
+Pairs come from two kinds of source (either or both; folders comma separated):
+    --fire DIRS   FIRE-layout folders of real pairs: each pair's affine is fitted (least squares)
+                  to its control points, its residual reported; pairs whose translation exceeds
+                  MAX_TRANSLATION of the side are skipped; each is sampled REAL_REPEATS times.
+    --photos DIRS single photographs (and skimage.data.retina() when --retina true): each makes
+                  PAIRS_PER_PHOTO pairs by synthetic motion (``synthetic_pair``): the retina moves
+                  by a known random affine plus a small smooth distortion beneath a camera
+                  aperture that stays put (both views sample inside the photograph's own field of
+                  view, so its border never shows), with photometric change on each view and
+                  lesions or a rim flare on some moving views.
 
 --write-sample DIR writes SAMPLE_PAIRS such synthetic pairs as a FIRE-layout folder instead (how
 data/sample was made: ``python DatasetCreator.py --write-sample data/sample --synth-size 768``).
 
 From each pair, SAMPLES_PER_PAIR patch pairs of PATCH_SIZE px are cut at the SAME place of the
-fixed and moving views, the way Network.NetRegistrar will see them:
+fixed and moving views, the way registrar.NetRegistrar will see them:
     coarse samples: both whole images as PATCH_SIZE squares (common.square_view); the moving one
         either as it is (the first look, large motion: sample 0 of every pair) or pre-warped by a
         random estimate, far from or near the truth (what later iterations see);
     fine samples (1 - COARSE_SHARE of them; none by default, since the default fine stage of
-        Network.NetRegistrar is phase correlation, not the network): views of FINE_SIZE_MIN..
+        registrar.NetRegistrar is phase correlation, not the network): views of FINE_SIZE_MIN..
         FINE_SIZE_MAX px, the moving one pre-warped close to the fixed one, patches inside the
         fixed field of view (rejecting any that reaches outside).
 Each target is ``fixedpatch_from_movingpatch`` in normalised patch coordinates (Network.py).

@@ -66,7 +66,7 @@ OUT = "results/sample"
 THREADS = 2
 FIGURES = True  # per-pair figures (fixed / moving / warped / overlay / checkerboard)
 RESUME = True  # keep finished rows of an existing per_pair.csv
-COARSE_ITERATIONS = 2  # net: the registration procedure's settings (registrar.py)
+COARSE_ITERATIONS = 1  # net: the registration procedure's settings (registrar.py)
 ZOOM_ITERATIONS = 2
 FINE_SIZES = "192,384,768"
 FINE_PATCHES = 40
@@ -76,6 +76,8 @@ AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust f
 AGREE_PX = 3.0  # net confidence: share of fine patches within this many px of the fitted affine
 RETRY_BELOW = 0.5  # net: below this confidence, retry (patches from the identity, shifted starts)
 RETRY_SHIFT = 0.25  # net: the shifted starts move the moving image by this share of its side
+KEEP_FINER_ABOVE = 0.5  # net: a pass finer than 384 px is kept only if this share of patches agree
+FLATTEN = True  # net: patches less their best-fitting plane before phase correlation
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 
@@ -117,6 +119,8 @@ def make_method(name, args):
             agree_px=args.AGREE_PX,
             retry_below=args.RETRY_BELOW,
             retry_shift=args.RETRY_SHIFT,
+            keep_finer_above=args.KEEP_FINER_ABOVE,
+            flatten=args.FLATTEN,
         )
         return ("net" if name == "net" else Path(name).stem), registrar.register
     raise InputError(name, "unknown method (use net, a .keras model path, sift, orb or ecc)")

@@ -5,22 +5,26 @@ fine:
     1. coarse, the network: both whole images as COARSE views (padded square, INPUT_SIZE px,
        CLAHE; common.square_view); the network predicts the motion, the moving view is re-warped
        by the estimate and the network predicts the residual, COARSE_ITERATIONS times.
-    2. fine, one pass per entry of FINE_SIZES: at a square view of that side, FINE_PATCHES patches
+    2. zoomed, the network again: on the central 1/ZOOM of views ZOOM times as large (the same
+       input size, so ZOOM times finer), ZOOM_ITERATIONS times: the residual, more precisely.
+    3. fine, one pass per entry of FINE_SIZES: at a square view of that side, FINE_PATCHES patches
        of FINE_PATCH px where both fields of view overlap (under the current estimate) measure
        their residual translation by phase correlation (REFINE = phase: OpenCV, closed form,
-       sub-pixel) or by the network (REFINE = net); each is taken back to view pixels (the
-       prototype's ``t_global`` formula) and ONE affine is fitted to them, robustly (AGGREGATE).
-       The passes go from coarse to fine: a small view first, where a patch reaches a residual
-       twice as large (the capture range of the network's estimate), then larger ones for
-       precision. A pass larger than the image works at the image's own size.
-    3. confidence: the share of patches whose motion agrees with the fitted affine within
+       sub-pixel; each patch less its best-fitting plane first, FLATTEN) or by the network
+       (REFINE = net); each is taken back to view pixels (the prototype's ``t_global`` formula)
+       and ONE affine is fitted to them, robustly (AGGREGATE). The passes go from coarse to fine:
+       a small view first, where a patch reaches a residual twice as large (the capture range of
+       the network's estimate), then larger ones for precision. A pass larger than the image
+       works at the image's own size. A pass finer than CONFIDENCE_SIZE is kept only if at least
+       KEEP_FINER_ABOVE of its patches agree with its fit (on a blurred image, small patches at
+       full resolution hold too little texture, and disagree).
+    4. confidence: the share of patches whose motion agrees with the fitted affine within
        AGREE_PX px, in the pass at CONFIDENCE_SIZE (the last one at most that size), less the 3
        that any affine fits, and out of at least half of FINE_PATCHES (a small overlap is not
        trusted). Right, the patches tell one story; wrong, they measure unrelated shifts and few
-       agree. Not in a
-       larger pass: there a 64 px patch covers too little of the retina, many see no vessel,
-       measure no shift, and so agree with a wrong estimate as well as with a right one.
-    4. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
+       agree. Not in a larger pass: there a 64 px patch covers too little of the retina, many see
+       no vessel, measure no shift, and so agree with a wrong estimate as well as with a right one.
+    5. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
        most confident: first the fine stage from the identity (the network's guess can be wrong
        where the images differ most in appearance, and a small motion is within the patches'
        own reach), then the network from 8 starts shifted by RETRY_SHIFT of the side.
@@ -56,7 +60,7 @@ from common import (
     translation,
 )
 
-COARSE_ITERATIONS = 2
+COARSE_ITERATIONS = 1
 ZOOM = 2  # then the network on the central 1/ZOOM of views ZOOM times as large ...
 ZOOM_ITERATIONS = 2  # ... this many times (0 = none)
 FINE_SIZES = "192,384,768"  # one fine pass per entry: side of its square view ("" = coarse only)
@@ -67,6 +71,7 @@ AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust f
 AGREE_PX = 3.0  # a patch agrees with the fitted affine within this many px (confidence)
 CONFIDENCE_SIZE = 384  # the confidence is the agreement in the last pass at most this size
 KEEP_FINER_ABOVE = 0.5  # a pass finer than that is kept only if this share of its patches agree
+FLATTEN = True  # phase correlation of patches less their best-fitting plane (illumination)
 RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, then the
 # network from 8 starts shifted by RETRY_SHIFT of the side (until one is confident)
 RETRY_SHIFT = 0.25  # 0 = no shifted starts
@@ -103,15 +108,26 @@ class Pyramid:
 
     def patches(self, image_from_patch, size):
         """Patches (K, size, size) uint8: patch k samples the image at ``image_from_patch[k]``,
-        bilinearly from the level nearest its scale."""
+        bilinearly from the level nearest its scale (a plain slice where the patch is a whole-
+        pixel square of that level, as the fixed patches of a square image are)."""
         scale = np.sqrt(abs(np.linalg.det(image_from_patch[0][:2, :2])))
         pixels, level_from_image = self.level(max(self.shape) / scale)
+        level_from_patch = level_from_image @ image_from_patch
+        offsets = level_from_patch[:, :2, 2]
+        h, w = pixels.shape
+        if (
+            np.allclose(level_from_patch[:, :2, :2], np.eye(2), atol=1e-9)
+            and np.allclose(offsets, np.round(offsets), atol=1e-6)
+            and offsets.min() >= 0
+            and offsets[:, 0].max() + size <= w
+            and offsets[:, 1].max() + size <= h
+        ):
+            return np.stack(
+                [pixels[y : y + size, x : x + size] for x, y in np.round(offsets).astype(int)]
+            )
         flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
         return np.stack(
-            [
-                cv2.warpAffine(pixels, (level_from_image @ m)[:2], (size, size), flags=flags)
-                for m in image_from_patch
-            ]
+            [cv2.warpAffine(pixels, m[:2], (size, size), flags=flags) for m in level_from_patch]
         )
 
 
@@ -131,6 +147,8 @@ class NetRegistrar:
         agree_px=AGREE_PX,
         retry_below=RETRY_BELOW,
         retry_shift=RETRY_SHIFT,
+        keep_finer_above=KEEP_FINER_ABOVE,
+        flatten=FLATTEN,
     ):
         import tensorflow as tf
 
@@ -146,6 +164,7 @@ class NetRegistrar:
         self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
         self.aggregate, self.refine = aggregate, refine
         self.agree_px, self.retry_below = agree_px, retry_below
+        self.keep_finer_above, self.flatten = keep_finer_above, flatten
         # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
         # in 8 directions, which puts a larger motion back within the network's training range
         step = retry_shift * self.size
@@ -182,14 +201,15 @@ class NetRegistrar:
         n = norm_from_pixels(self.size)
         return np.linalg.inv(n) @ np.stack([to3x3(m) for m in norm]) @ n
 
-    def phase(self, fixed_patches, moving_patches):
+    def phase(self, fixed_patches, moving_patches, flatten=False):
         """Closed-form alternative to ``predict`` for small residuals: each patch's translation by
         phase correlation (OpenCV, sub-pixel), as a (K, 3, 3) ``fixedpatch_from_movingpatch``.
-        Each patch's best-fitting plane is subtracted first: an illumination gradient or haze
-        across a patch (which the two visits do not share) would otherwise weigh as much in the
-        whitened spectrum as the vessels, and pull the peak towards no shift."""
+        With ``flatten``, each patch's best-fitting plane is subtracted first: an illumination
+        gradient or haze across a patch (which the two visits do not share) would otherwise weigh
+        as much in the whitened spectrum as the vessels, and pull the peak towards no shift."""
         local = np.tile(np.eye(3), (len(fixed_patches), 1, 1))
-        flat = _flatten(np.concatenate([fixed_patches, moving_patches]))
+        patches = np.concatenate([fixed_patches, moving_patches]).astype(np.float32)
+        flat = _flatten(patches) if flatten else patches
         fixed_patches, moving_patches = flat[: len(fixed_patches)], flat[len(fixed_patches) :]
         for k, (f, m) in enumerate(zip(fixed_patches, moving_patches)):
             (dx, dy), _ = cv2.phaseCorrelate(f, m, self._window)
@@ -242,7 +262,7 @@ class NetRegistrar:
         confidence = 0.0
         for size in self.fine_sizes:
             refined, agreement = self._fine_pass(*fine, a, size)
-            if size > judged and agreement < KEEP_FINER_ABOVE:
+            if size > judged and agreement < self.keep_finer_above:
                 break  # too fine for this pair (blur, little texture): the patches disagree
             a = refined
             if size == judged:
@@ -274,21 +294,24 @@ class NetRegistrar:
         p = min(self.fine_patch, size // 2)
         view_from_image = square_frame(pyramids[0].shape, size)
         image_from_view = np.linalg.inv(view_from_image)
-        corners = _patch_corners(masks, a, image_from_view, size, p, self.fine_patches)
+        count = self.fine_patches
+        corners = _patch_corners(masks, a, image_from_view, size, p, count)
         if len(corners) < 3:  # (almost) no overlap at this scale: nothing to measure, nor trust
             return a, 0.0
         image_from_patch = np.stack([image_from_view @ translation(x, y) for x, y in corners])
         moving_from_patch = np.linalg.inv(a) @ image_from_patch
         fixed_patches = pyramids[0].patches(image_from_patch, p)
         moving_patches = pyramids[1].patches(moving_from_patch, p)
-        estimate = self.predict if self.refine == "net" else self.phase
-        local = estimate(fixed_patches, moving_patches)
+        if self.refine == "net":
+            local = self.predict(fixed_patches, moving_patches)
+        else:
+            local = self.phase(fixed_patches, moving_patches, self.flatten)
         update, residual = _fit_patch_motions(local, corners, p, self.aggregate)
         a = image_from_view @ update @ view_from_image @ a
         # an affine goes through any 3 patches: those agree for free; and a result that only a
         # few patches support (a small overlap) is not trusted
         agree = np.count_nonzero(residual <= self.agree_px) - 3
-        return a, float(max(0, agree) / (max(len(corners), self.fine_patches / 2) - 3))
+        return a, float(max(0, agree) / (max(len(corners), count / 2) - 3))
 
 
 def _flatten(patches):

@@ -26,7 +26,7 @@ MAX_MEDIAN_PX = 1.0
 def test_testing_defaults_are_the_registrars():
     names = ["COARSE_ITERATIONS", "ZOOM_ITERATIONS", "FINE_SIZES", "FINE_PATCHES", "FINE_PATCH"]
     names += ["REFINE"]
-    names += ["AGGREGATE", "AGREE_PX", "RETRY_BELOW", "RETRY_SHIFT"]
+    names += ["AGGREGATE", "AGREE_PX", "RETRY_BELOW", "RETRY_SHIFT", "KEEP_FINER_ABOVE", "FLATTEN"]
     for name in names:
         assert getattr(Testing, name) == getattr(registrar, name), name
 
