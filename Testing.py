@@ -238,6 +238,9 @@ def pair_figure(path, fixed, moving, result, points=None, title=""):
                 mapped[:, 0], mapped[:, 1], "+", color="cyan", label="moving points mapped"
             )
             axes[3].legend(loc="lower right", fontsize=7)
+            h, w = fixed.pixels.shape  # points mapped off the image must not rescale the panel
+            axes[3].set_xlim(-0.5, w - 0.5)
+            axes[3].set_ylim(h - 0.5, -0.5)
     fig.suptitle(title)
     save(fig, path)
     return names
