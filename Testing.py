@@ -47,6 +47,7 @@ from common import (
     AUC_MAX_PX,
     InputError,
     cli,
+    equalise,
     exit_on_input_error,
     fire_error,
     is_inaccurate,
@@ -158,15 +159,6 @@ def warp_to_fixed(fixed, moving, fixed_from_moving):
     return cv2.warpAffine(moving.pixels, a[:2], (w, h))
 
 
-_CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
-
-
-def equalised(grey):
-    """CLAHE of a grey uint8 image (as the network sees it): vessels stand out and the brightness
-    of two photographs differs less, so a checkerboard shows their geometry, not their exposure."""
-    return _CLAHE.apply(grey)
-
-
 def checkerboard(fixed, warped, tiles=8):
     """Checkerboard mosaic of two grey uint8 images of the same shape (H, W): square tiles of side
     round(max(H, W) / tiles) px, taken from ``fixed`` where (tile row + tile column) is even, so
@@ -203,8 +195,9 @@ def zoom_box(fixed, warped, tiles=8):
 
 def pair_figure(path, fixed, moving, result, points=None, title=""):
     """Six panels in two rows: fixed, moving, moving warped onto fixed; the colour overlay (with
-    the control points when given), the checkerboard of fixed and warped (both ``equalised``) and
-    a zoom into it (the yellow box). Returns the panel titles in order."""
+    the control points when given), the checkerboard of fixed and warped (both equalised by CLAHE,
+    so that vessels stand out and the tiles differ in geometry rather than exposure) and a zoom
+    into it (the yellow box). Returns the panel titles in order."""
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(15, 10.6), layout="constrained")
     axes = axes.ravel()
@@ -219,7 +212,7 @@ def pair_figure(path, fixed, moving, result, points=None, title=""):
         warped = warp_to_fixed(fixed, moving, result.fixed_from_moving)
         axes[2].imshow(warped, cmap="gray")
         axes[3].imshow(overlay(fixed.pixels, warped))
-        board = checkerboard(equalised(fixed.pixels), equalised(warped))
+        board = checkerboard(equalise(fixed.pixels), equalise(warped))
         top, left, side = zoom_box(fixed.pixels, warped)
         axes[4].imshow(board, cmap="gray", vmin=0, vmax=255)
         axes[4].add_patch(plt.Rectangle((left, top), side, side, fill=False, ec="yellow", lw=2))
@@ -265,7 +258,7 @@ def misalignment_figure(result_json, path="docs/checkerboard.png", shift_px=3.0)
     fig, axes = plt.subplots(1, 2, figsize=(15, 8), layout="constrained")
     names = ["as registered", f"moved {shift_px:g} px further down"]
     for axis, m, name in zip(axes, (registered, moved), names):
-        board = checkerboard(equalised(fixed.pixels), equalised(warp_to_fixed(fixed, moving, m)))
+        board = checkerboard(equalise(fixed.pixels), equalise(warp_to_fixed(fixed, moving, m)))
         zoom = board[top : top + side, left : left + side]
         axis.imshow(zoom, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         axis.set_title(name)
@@ -561,7 +554,7 @@ def run_pair(args, methods):
     images = {
         "warped.png": warped,
         "overlay.png": overlay(fixed.pixels, warped)[:, :, ::-1],  # RGB -> OpenCV's BGR
-        "checkerboard.png": checkerboard(equalised(fixed.pixels), equalised(warped)),
+        "checkerboard.png": checkerboard(equalise(fixed.pixels), equalise(warped)),
     }
     for name, img in images.items():
         ok, data = cv2.imencode(".png", img)

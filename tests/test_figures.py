@@ -16,7 +16,7 @@ import pytest
 from skimage.data import retina
 
 import Testing
-from common import Registration, apply_affine, read_image, translation
+from common import Registration, apply_affine, equalise, read_image, translation
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -79,7 +79,7 @@ def test_single_pair_writes_checkerboard_and_prints_one_line(pair, tmp_path):
     fixed = read_image(fixed_path).pixels
     assert board is not None and board.shape == fixed.shape == (384, 384)
     warped = cv2.imread(str(out / "warped.png"), cv2.IMREAD_UNCHANGED)
-    expected = Testing.checkerboard(Testing.equalised(fixed), Testing.equalised(warped))
+    expected = Testing.checkerboard(equalise(fixed), equalise(warped))
     np.testing.assert_array_equal(board, expected)
     m = np.array(json.loads((out / "result.json").read_text())["fixed_from_moving"])
     ring = 192 + 100 * np.stack([np.cos(np.arange(8)), np.sin(np.arange(8))], 1)
