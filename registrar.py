@@ -208,8 +208,8 @@ class NetRegistrar:
         gradient or haze across a patch (which the two visits do not share) would otherwise weigh
         as much in the whitened spectrum as the vessels, and pull the peak towards no shift."""
         local = np.tile(np.eye(3), (len(fixed_patches), 1, 1))
-        patches = np.concatenate([fixed_patches, moving_patches]).astype(np.float32)
-        flat = _flatten(patches) if flatten else patches
+        patches = np.concatenate([fixed_patches, moving_patches])  # uint8: one float copy below
+        flat = _flatten(patches) if flatten else patches.astype(np.float32)
         fixed_patches, moving_patches = flat[: len(fixed_patches)], flat[len(fixed_patches) :]
         for k, (f, m) in enumerate(zip(fixed_patches, moving_patches)):
             (dx, dy), _ = cv2.phaseCorrelate(f, m, self._window)
@@ -219,9 +219,10 @@ class NetRegistrar:
     def register(self, fixed, moving):
         """GreyImage pair -> Registration with ``fixed_from_moving`` in file pixels."""
         pyramids = Pyramid(fixed.pixels), Pyramid(moving.pixels)
-        coarse = (  # (view, view_from_image) of each image, whole and zoomed
+        zoom = ZOOM * self.size
+        coarse = (  # (view, view_from_image) of each image, whole and (when used) zoomed
             [p.view(self.size) for p in pyramids],
-            [p.view(ZOOM * self.size, equalise=False) for p in pyramids],
+            [p.view(zoom, equalise=False) for p in pyramids] if self.zoom_iterations else [],
         )
         masks = []
         for p in pyramids:
@@ -275,9 +276,9 @@ class NetRegistrar:
         residual, ZOOM times more precisely. Each crop is equalised (CLAHE) on its own, as the
         network's inputs are in training. Takes and returns fixed_from_moving in image pixels."""
         (fixed_view, fixed_from), (moving_view, moving_from) = fixed, moving
-        side, p = fixed_view.shape[0], self.size
-        crop_from_view = translation(-(side - p) // 2, -(side - p) // 2)
-        top = (side - p) // 2
+        p = self.size
+        top = (fixed_view.shape[0] - p) // 2
+        crop_from_view = translation(-top, -top)
         fixed_crop = equalise(fixed_view[top : top + p, top : top + p])
         v = fixed_from @ a @ np.linalg.inv(moving_from)  # fixedview_from_movingview
         for _ in range(self.zoom_iterations):
@@ -294,8 +295,7 @@ class NetRegistrar:
         p = min(self.fine_patch, size // 2)
         view_from_image = square_frame(pyramids[0].shape, size)
         image_from_view = np.linalg.inv(view_from_image)
-        count = self.fine_patches
-        corners = _patch_corners(masks, a, image_from_view, size, p, count)
+        corners = _patch_corners(masks, a, image_from_view, size, p, self.fine_patches)
         if len(corners) < 3:  # (almost) no overlap at this scale: nothing to measure, nor trust
             return a, 0.0
         image_from_patch = np.stack([image_from_view @ translation(x, y) for x, y in corners])
@@ -311,7 +311,7 @@ class NetRegistrar:
         # an affine goes through any 3 patches: those agree for free; and a result that only a
         # few patches support (a small overlap) is not trusted
         agree = np.count_nonzero(residual <= self.agree_px) - 3
-        return a, float(max(0, agree) / (max(len(corners), count / 2) - 3))
+        return a, float(max(0, agree) / (max(len(corners), self.fine_patches / 2) - 3))
 
 
 def _flatten(patches):
