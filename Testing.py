@@ -79,6 +79,7 @@ RETRY_BELOW = 0.5  # net: below this confidence, retry (patches from the identit
 RETRY_SHIFT = 0.25  # net: the shifted starts move the moving image by this share of its side
 KEEP_FINER_ABOVE = 0.5  # net: a pass finer than 384 px is kept only if this share of patches agree
 FLATTEN = True  # net: patches less their best-fitting plane before phase correlation
+WEIGHTED = True  # net: patches weigh in the fit by the square of their correlation peak
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 
@@ -122,6 +123,7 @@ def make_method(name, args):
             retry_shift=args.RETRY_SHIFT,
             keep_finer_above=args.KEEP_FINER_ABOVE,
             flatten=args.FLATTEN,
+            weighted=args.WEIGHTED,
         )
         return ("net" if name == "net" else Path(name).stem), registrar.register
     raise InputError(name, "unknown method (use net, a .keras model path, sift, orb or ecc)")

@@ -201,8 +201,10 @@ def apply_affine(a, points):
     return np.asarray(points, np.float64) @ a[:2, :2].T + a[:2, 2]
 
 
-def fit_affine(src, dst):
-    """Least-squares affine ``dst_from_src`` (2x3) and the residual distances of each point.
+def fit_affine(src, dst, weights=None):
+    """Least-squares affine ``dst_from_src`` (2x3) and the residual distances of each point;
+    with ``weights``, each point's squared residual counts that many times (weighted least
+    squares: weights are inverse variances).
 
     Raises ValueError when the points do not define an affine (fewer than 3, or collinear).
     numpy's least squares, not scikit-image's AffineTransform.from_estimate (the same fit): this
@@ -216,7 +218,10 @@ def fit_affine(src, dst):
     if spread[1] <= 1e-6 * max(spread[0], 1e-12):
         raise ValueError("the points are collinear: they do not define an affine transform")
     design = np.hstack([src, np.ones((len(src), 1))])
-    solution, *_ = np.linalg.lstsq(design, dst, rcond=None)  # (3, 2): dst = design @ solution
+    root = (
+        np.ones((len(src), 1)) if weights is None else np.sqrt(weights, dtype=np.float64)[:, None]
+    )
+    solution, *_ = np.linalg.lstsq(design * root, dst * root, rcond=None)  # dst = design @ sol.
     fit = solution.T
     if not np.all(np.isfinite(fit)):
         raise ValueError("points do not define an affine transform")

@@ -111,6 +111,38 @@ def test_patch_agreement_separates_consistent_from_stray_patches():
     assert np.all(residual[:4] > 8) and np.all(residual[4:] < 1e-3)
 
 
+def test_weights_pull_the_fit_towards_the_trusted_patches():
+    """_fit_patch_motions with weights: patches of low weight (plain background: noisy shifts)
+    move the fit much less than with equal weights."""
+    rng = np.random.default_rng(1)
+    corners = [(int(x), int(y)) for x, y in rng.integers(0, 320, (40, 2))]
+    truth = np.array([[1.01, 0.02, 1.5], [-0.02, 0.99, -2.0], [0, 0, 1]])
+    local = np.tile(np.eye(3), (40, 1, 1))
+    for k, (x, y) in enumerate(corners):
+        centre = np.array([x + 32.0, y + 32.0])
+        local[k, :2, 2] = apply_affine(truth, centre[None])[0] - centre
+    local[20:, :2, 2] += rng.normal(0, 1.0, (20, 2))  # within the trimming's reach: kept
+    weights = np.r_[np.ones(20), np.full(20, 1e-4)]
+    errors = []
+    for w in (None, weights):
+        fit, _ = procedure._fit_patch_motions(local, corners, 64, "trimmed", w)
+        centres = np.asarray(corners, np.float64) + 32
+        errors.append(np.abs(apply_affine(fit, centres) - apply_affine(truth, centres)).max())
+    assert errors[0] > 0.1 and errors[1] < errors[0] / 20
+
+
+def test_phase_peak_is_high_on_vessels_and_low_on_background(registrar, retina):
+    """The correlation peak, whose square is a patch's weight: high where both (flattened)
+    patches show the same vessels, shifted; low where they show unrelated noise."""
+    vessels = retina[352:416, 300:364]
+    shifted = np.roll(retina, (2, 3), axis=(0, 1))[352:416, 300:364]
+    noise = np.random.default_rng(2).normal(128, 3, (2, 64, 64)).clip(0, 255).astype(np.uint8)
+    fixed, moving = np.stack([vessels, noise[0]]), np.stack([shifted, noise[1]])
+    local, peaks = registrar.phase(fixed, moving, flatten=True)
+    np.testing.assert_allclose(local[0, :2, 2], [-3, -2], atol=0.3)  # fixed from moving
+    assert peaks[0] > 0.8 and (peaks[1] / peaks[0]) ** 2 < 0.1  # weighs 10x less at least
+
+
 def test_retry_order_and_stop(model, retina, monkeypatch):
     """Low confidence: the patches from the identity (no network), then the network from each
     shifted start, until one is confident; the most confident result is kept."""
