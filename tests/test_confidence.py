@@ -177,6 +177,20 @@ def test_large_motion_is_registered(registrar, retina, motion):
     assert result.confidence >= 0.5
 
 
+@pytest.mark.parametrize("patches, trusted", [(5, False), (8, True), (40, True)])
+def test_a_few_agreeing_patches_are_trusted_only_past_a_floor(
+    registrar, retina, monkeypatch, patches, trusted
+):
+    """Agreement is counted out of at least a quarter of FINE_PATCHES: 8 patches that agree (a
+    40 % overlap at 384 px holds about that many) are trusted, 5 are not."""
+    corners = [(32 * (k % 8) + 40, 32 * (k // 8) + 40) for k in range(patches)]
+    monkeypatch.setattr(procedure, "_patch_corners", lambda *args: corners)
+    pyramids = procedure.Pyramid(retina), procedure.Pyramid(retina)
+    mask = np.ones((192, 192), bool), np.diag([0.25, 0.25, 1.0])
+    _, agreement = registrar._fine_pass(pyramids, (mask, mask), np.eye(3), 384)
+    assert (agreement >= 0.5) == trusted
+
+
 def test_a_finer_pass_whose_patches_disagree_is_not_kept(registrar, retina, monkeypatch):
     """Past CONFIDENCE_SIZE, a pass is kept only where KEEP_FINER_ABOVE of its patches agree (a
     blurred pair has too little texture for small patches at full resolution); the confidence
