@@ -191,7 +191,6 @@ class NetRegistrar:
         self._predict = self._predict.get_concrete_function()
         n = norm_from_pixels(self.size)
         self._norm_from_pixels, self._pixels_from_norm = n, np.linalg.inv(n)
-        self._window = cv2.createHanningWindow((self.fine_patch,) * 2, cv2.CV_32F)
         self.warm_up()
 
     def warm_up(self):
@@ -226,7 +225,7 @@ class NetRegistrar:
         flat = _flatten(patches) if flatten else patches.astype(np.float32)
         fixed_patches, moving_patches = flat[: len(fixed_patches)], flat[len(fixed_patches) :]
         for k, (f, m) in enumerate(zip(fixed_patches, moving_patches)):
-            (dx, dy), peaks[k] = cv2.phaseCorrelate(f, m, self._window)
+            (dx, dy), peaks[k] = cv2.phaseCorrelate(f, m, _hanning(f.shape[0]))
             local[k, :2, 2] = -dx, -dy  # m is f shifted by (dx, dy)
         return local, peaks
 
@@ -341,6 +340,13 @@ def _flatten(patches):
     basis = _plane_basis(p)
     values -= (values @ (basis / np.einsum("ij,ij->i", basis, basis)[:, None]).T) @ basis
     return values.reshape(k, p, p)
+
+
+@functools.cache
+def _hanning(p):
+    """The P x P window of phase correlation (patches are smaller than FINE_PATCH in a pass
+    whose view is less than twice its side)."""
+    return cv2.createHanningWindow((p, p), cv2.CV_32F)
 
 
 @functools.cache

@@ -191,6 +191,14 @@ def test_a_few_agreeing_patches_are_trusted_only_past_a_floor(
     assert (agreement >= 0.5) == trusted
 
 
+def test_patches_larger_than_half_a_pass_are_cut_to_fit(model, retina):
+    """--fine-patch 128: the 192 px pass uses 96 px patches (and a window of their size)."""
+    registrar = procedure.NetRegistrar(model, fine_patch=128, fine_patches=12)
+    moving, points = moved(retina, about_centre(8, 1.05, shift=(20, -12)))
+    result = registrar.register(grey(retina), grey(moving))
+    assert fire_error(result.fixed_from_moving, points) < 1.0 and result.confidence >= 0.5
+
+
 def test_a_finer_pass_whose_patches_disagree_is_not_kept(registrar, retina, monkeypatch):
     """Past CONFIDENCE_SIZE, a pass is kept only where KEEP_FINER_ABOVE of its patches agree (a
     blurred pair has too little texture for small patches at full resolution); the confidence
