@@ -109,22 +109,26 @@ def make_method(name, args):
         from registrar import NetRegistrar
 
         path = args.MODEL if name == "net" else name
-        registrar = NetRegistrar(
-            load_network(path),
-            coarse_iterations=args.COARSE_ITERATIONS,
-            zoom_iterations=args.ZOOM_ITERATIONS,
-            fine_sizes=args.FINE_SIZES,
-            fine_patches=args.FINE_PATCHES,
-            fine_patch=args.FINE_PATCH,
-            aggregate=args.AGGREGATE,
-            refine=args.REFINE,
-            agree_px=args.AGREE_PX,
-            retry_below=args.RETRY_BELOW,
-            retry_shift=args.RETRY_SHIFT,
-            keep_finer_above=args.KEEP_FINER_ABOVE,
-            flatten=args.FLATTEN,
-            weighted=args.WEIGHTED,
-        )
+        model = load_network(path)
+        try:
+            registrar = NetRegistrar(
+                model,
+                coarse_iterations=args.COARSE_ITERATIONS,
+                zoom_iterations=args.ZOOM_ITERATIONS,
+                fine_sizes=args.FINE_SIZES,
+                fine_patches=args.FINE_PATCHES,
+                fine_patch=args.FINE_PATCH,
+                aggregate=args.AGGREGATE,
+                refine=args.REFINE,
+                agree_px=args.AGREE_PX,
+                retry_below=args.RETRY_BELOW,
+                retry_shift=args.RETRY_SHIFT,
+                keep_finer_above=args.KEEP_FINER_ABOVE,
+                flatten=args.FLATTEN,
+                weighted=args.WEIGHTED,
+            )
+        except ValueError as e:  # a setting the procedure cannot take: one line, like a bad file
+            raise InputError("net settings", str(e)) from None
         return ("net" if name == "net" else Path(name).stem), registrar.register
     raise InputError(name, "unknown method (use net, a .keras model path, sift, orb or ecc)")
 

@@ -578,6 +578,20 @@ def test_testing_with_a_bad_model_file_exits_2(images, bad_models, tmp_path, fla
     assert_input_error(proc, bad_models / name, problem)
 
 
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (("--aggregate", "median"), "aggregate must be"),
+        (("--refine", "sift"), "refine must be"),
+    ],
+)
+def test_testing_with_a_setting_the_procedure_cannot_take_exits_2(images, tmp_path, flags, problem):
+    files, _ = images
+    proc = run("Testing.py", "--fixed", files["fixed.jpg"], "--moving", files["moving.jpg"],
+               *flags, "--out", tmp_path)  # fmt: skip
+    assert_input_error(proc, "net settings", problem)
+
+
 # ----------------------------------------------------------------------------------------------
 # Repeatability
 
