@@ -217,11 +217,11 @@ def fit_affine(src, dst, weights=None):
     spread = np.linalg.svd(src - src.mean(axis=0), compute_uv=False)
     if spread[1] <= 1e-6 * max(spread[0], 1e-12):
         raise ValueError("the points are collinear: they do not define an affine transform")
-    design = np.hstack([src, np.ones((len(src), 1))])
-    root = (
-        np.ones((len(src), 1)) if weights is None else np.sqrt(weights, dtype=np.float64)[:, None]
-    )
-    solution, *_ = np.linalg.lstsq(design * root, dst * root, rcond=None)  # dst = design @ sol.
+    design, target = np.hstack([src, np.ones((len(src), 1))]), dst
+    if weights is not None:  # weighted least squares: each row scaled by its weight's root
+        root = np.sqrt(np.asarray(weights, np.float64))[:, None]
+        design, target = design * root, target * root
+    solution, *_ = np.linalg.lstsq(design, target, rcond=None)  # (3, 2): dst = design @ solution
     fit = solution.T
     if not np.all(np.isfinite(fit)):
         raise ValueError("points do not define an affine transform")

@@ -96,38 +96,40 @@ def test_a_wrong_network_guess_is_retried_from_the_identity(model, retina, monke
     assert fire_error(unretried.fixed_from_moving, points) > BAD_PX
 
 
+TRUTH = np.array([[1.01, 0.02, 1.5], [-0.02, 0.99, -2.0], [0, 0, 1]])
+
+
+def consistent_patches(seed, count):
+    """``count`` 64 px patches at random corners, each with the translation TRUTH gives its
+    centre (what phase correlation measures); and the random generator, to go on with."""
+    rng = np.random.default_rng(seed)
+    corners = [(int(x), int(y)) for x, y in rng.integers(0, 320, (count, 2))]
+    centres = np.asarray(corners, np.float64) + 32
+    local = np.tile(np.eye(3), (count, 1, 1))
+    local[:, :2, 2] = apply_affine(TRUTH, centres) - centres
+    return corners, local, rng
+
+
 def test_patch_agreement_separates_consistent_from_stray_patches():
     """_fit_patch_motions: the residual of each patch is its distance from the fitted affine."""
-    rng = np.random.default_rng(0)
-    corners = [(int(x), int(y)) for x, y in rng.integers(0, 320, (20, 2))]
-    truth = np.array([[1.01, 0.02, 1.5], [-0.02, 0.99, -2.0], [0, 0, 1]])
-    local = np.tile(np.eye(3), (20, 1, 1))
-    for k, (x, y) in enumerate(corners):
-        centre = np.array([x + 32.0, y + 32.0])
-        local[k, :2, 2] = apply_affine(truth, centre[None])[0] - centre
+    corners, local, _ = consistent_patches(0, 20)
     local[:4, :2, 2] += [[15, 0], [0, -12], [9, 9], [-20, 4]]  # four stray patches
     fit, residual = procedure._fit_patch_motions(local, corners, 64, "trimmed")
-    np.testing.assert_allclose(fit, truth, atol=1e-4)  # float32 points
+    np.testing.assert_allclose(fit, TRUTH, atol=1e-4)  # float32 points
     assert np.all(residual[:4] > 8) and np.all(residual[4:] < 1e-3)
 
 
 def test_weights_pull_the_fit_towards_the_trusted_patches():
     """_fit_patch_motions with weights: patches of low weight (plain background: noisy shifts)
     move the fit much less than with equal weights."""
-    rng = np.random.default_rng(1)
-    corners = [(int(x), int(y)) for x, y in rng.integers(0, 320, (40, 2))]
-    truth = np.array([[1.01, 0.02, 1.5], [-0.02, 0.99, -2.0], [0, 0, 1]])
-    local = np.tile(np.eye(3), (40, 1, 1))
-    for k, (x, y) in enumerate(corners):
-        centre = np.array([x + 32.0, y + 32.0])
-        local[k, :2, 2] = apply_affine(truth, centre[None])[0] - centre
+    corners, local, rng = consistent_patches(1, 40)
     local[20:, :2, 2] += rng.normal(0, 1.0, (20, 2))  # within the trimming's reach: kept
     weights = np.r_[np.ones(20), np.full(20, 1e-4)]
+    centres = np.asarray(corners, np.float64) + 32
     errors = []
     for w in (None, weights):
         fit, _ = procedure._fit_patch_motions(local, corners, 64, "trimmed", w)
-        centres = np.asarray(corners, np.float64) + 32
-        errors.append(np.abs(apply_affine(fit, centres) - apply_affine(truth, centres)).max())
+        errors.append(np.abs(apply_affine(fit, centres) - apply_affine(TRUTH, centres)).max())
     assert errors[0] > 0.1 and errors[1] < errors[0] / 20
 
 
