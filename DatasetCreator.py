@@ -453,12 +453,13 @@ def main(args):
             args.PHOTOS or args.FIRE or "sources",
             "no usable photographs or pairs (see --photos, --fire, --retina)",
         )
-    order = np.random.default_rng(args.SEED).permutation(len(photos) + len(fire_pairs))
+    sources = [p[0] for p in photos] + [p[0] for p in fire_pairs]  # names, by source index
+    order = np.random.default_rng(args.SEED).permutation(len(sources))
     n_val = max(1, round(args.VAL_FRACTION * len(order))) if len(order) > 1 else 0
     split = {int(i): ("val" if rank < n_val else "train") for rank, i in enumerate(order)}
     # One unit = one pair (source index, pair number); a shard: PAIRS_PER_SHARD units of one split
     units = {"train": [], "val": []}
-    for i in range(len(photos) + len(fire_pairs)):
+    for i in range(len(sources)):
         count = args.PAIRS_PER_PHOTO if i < len(photos) else args.REAL_REPEATS
         units[split[i]] += [(i, j) for j in range(count)]
     manifest_path = out / "manifest.json"
@@ -473,12 +474,8 @@ def main(args):
         failed=failed_photos + failed_fire,
         target_convention="fixedpatch_from_movingpatch, 2x3, normalised patch coordinates "
         "[-1, 1] (Network.py)",
-        sources=[p[0] for p in photos] + [p[0] for p in fire_pairs],
-        validation_sources=[
-            ([p[0] for p in photos] + [p[0] for p in fire_pairs])[i]
-            for i in range(len(order))
-            if split[i] == "val"
-        ],
+        sources=sources,
+        validation_sources=[sources[i] for i in range(len(sources)) if split[i] == "val"],
     )
     write_json(manifest_path, manifest)  # before any shard: never an old manifest over new shards
     done = {s["name"] for s in manifest["shards"] if (out / f"{s['name']}-x.npy").exists()}
