@@ -13,6 +13,9 @@ Pairs come from two kinds of source (either or both; folders comma separated):
 
 --write-sample DIR writes SAMPLE_PAIRS such synthetic pairs as a FIRE-layout folder instead (how
 data/sample was made: ``python DatasetCreator.py --write-sample data/sample --synth-size 768``).
+--write-moved DIR writes harder REAL pairs for testing, also as a FIRE-layout folder: each S pair
+of the --fire folders, MOVES_PER_PAIR times, as crops of both captures under one round aperture
+with the moving crop moved by a large motion (``moved_pair``): real appearance change, P motion.
 
 From each pair, SAMPLES_PER_PAIR patch pairs of PATCH_SIZE px are cut at the SAME place of the
 fixed and moving views, the way registrar.NetRegistrar will see them:
@@ -78,6 +81,8 @@ FINE_SIZE_MIN = 256
 FINE_SIZE_MAX = 512
 WRITE_SAMPLE = ""  # if set: write SAMPLE_PAIRS synthetic FIRE-layout pairs here, no shards
 SAMPLE_PAIRS = 6
+WRITE_MOVED = ""  # if set: write the --fire folders' S pairs here, moved apart (P pairs), no shards
+MOVES_PER_PAIR = 2
 REJECT_BLACK_PIXELS = 10  # a fine patch with more black (out-of-FOV) pixels is rejected
 # Synthetic motion (fixed_from_moving about the image centre) and residuals (in patch units)
 MAX_ROTATION_DEG = 25.0
@@ -317,13 +322,23 @@ def load_fire(args):
     return pairs, failed
 
 
+def write_fire_pair(root, pair, fixed, moving, points, quality):
+    """One pair in the FIRE layout: Images/<pair>_1.jpg (fixed), Images/<pair>_2.jpg (moving),
+    Ground Truth/control_points_<pair>_1_2.txt (rows x_fixed y_fixed x_moving y_moving)."""
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    (root / "Ground Truth").mkdir(parents=True, exist_ok=True)
+    for index, image in ((1, fixed), (2, moving)):
+        _, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        write_atomic(root / "Images" / f"{pair}_{index}.jpg", data.tobytes())
+    lines = "".join(f"{fx:.2f} {fy:.2f} {x:.2f} {y:.2f}\n" for fx, fy, x, y in points)
+    write_atomic(root / "Ground Truth" / f"control_points_{pair}_1_2.txt", lines)
+
+
 def write_fire_folder(photos, args):
     """Write SAMPLE_PAIRS synthetic pairs as a FIRE-layout folder (categories S, P, A in turn:
     small motion, large motion, small motion with strongest appearance change) with 10 control
     points each, taken through the true motion including its distortion."""
     root = Path(args.WRITE_SAMPLE)
-    (root / "Images").mkdir(parents=True, exist_ok=True)
-    (root / "Ground Truth").mkdir(parents=True, exist_ok=True)
     for k in range(args.SAMPLE_PAIRS):
         category = "SPA"[k % 3]
         rng = np.random.default_rng([args.SEED, 10_000 + k])
@@ -342,14 +357,76 @@ def write_fire_folder(photos, args):
             fx, fy = maps[y, x]
             if fixed[int(fy) % size, int(fx) % size, 1] > 10 and moving[y, x, 1] > 10:
                 points.append((fx, fy, x, y))
-        pair = f"{category}{k // 3 + 1:02d}"
-        for index, img in ((1, fixed), (2, moving)):
-            ok, data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            write_atomic(root / "Images" / f"{pair}_{index}.jpg", data.tobytes())
-        lines = "".join(f"{fx:.2f} {fy:.2f} {x:.2f} {y:.2f}\n" for fx, fy, x, y in points)
-        write_atomic(root / "Ground Truth" / f"control_points_{pair}_1_2.txt", lines)
+        write_fire_pair(root, f"{category}{k // 3 + 1:02d}", fixed, moving, points, quality=90)
     used = sorted({photos[k % len(photos)][0] for k in range(args.SAMPLE_PAIRS)})
     print(f"{root}: {args.SAMPLE_PAIRS} FIRE-layout pairs from {', '.join(used)}")
+
+
+def moved_pair(rng, fixed, moving, points, args):
+    """A harder real pair from a real one (colour images and their control points): crops of
+    side C of both captures, the same round aperture laid over each (the camera stays put), the
+    moving crop moved by a shift of MAX_SHIFT/2..MAX_SHIFT of C, a rotation up to
+    MAX_ROTATION_DEG and a scale up to MAX_SCALE/2 (the FIRE P pairs' range). Both crops lie
+    inside their capture's own field of view (``source_disc``), so no border shows. Returns
+    (fixed crop, moving crop, points in crop pixels: x_fixed y_fixed x_moving y_moving). All
+    the pair's points are kept (in FIRE they all lie in the overlap; here some may lie outside a
+    crop, where they still measure the affine, extrapolated, against the real motion)."""
+    (fixed_centre, fixed_radius), (moving_centre, moving_radius) = map(source_disc, (fixed, moving))
+    shift = rng.uniform(args.MAX_SHIFT / 2, args.MAX_SHIFT)
+    angle = np.radians(rng.uniform(-args.MAX_ROTATION_DEG, args.MAX_ROTATION_DEG))
+    scale = np.exp(rng.uniform(-args.MAX_SCALE / 2, args.MAX_SCALE / 2))
+    # the aperture (radius 0.47 C, scaled) of each crop lies inside the smaller disc
+    side = int(
+        0.98 * min(fixed_radius, moving_radius) / (0.47 * (1 + args.MAX_SCALE / 2) + shift / 2)
+    )
+    direction = rng.uniform(0, 2 * np.pi)
+    offset = shift * side / 2 * np.array([np.cos(direction), np.sin(direction)])
+    c, s = np.cos(angle), np.sin(angle)
+    centre = translation(side / 2, side / 2)
+    crop_from_fixed = centre @ translation(*(offset - fixed_centre))
+    crop_from_moving = (
+        centre
+        @ np.array([[c * scale, -s * scale, 0], [s * scale, c * scale, 0], [0, 0, 1]])
+        @ translation(*(-offset - moving_centre))
+    )
+    aperture = np.zeros((side, side), np.uint8)
+    cv2.circle(aperture, (side // 2, side // 2), int(0.47 * side), 255, -1)
+    crops = [
+        cv2.warpAffine(image, m[:2], (side, side), flags=cv2.INTER_AREA) & aperture[..., None]
+        for image, m in ((fixed, crop_from_fixed), (moving, crop_from_moving))
+    ]
+    moved = np.hstack(
+        [
+            points[:, 0:2] @ crop_from_fixed[:2, :2].T + crop_from_fixed[:2, 2],
+            points[:, 2:4] @ crop_from_moving[:2, :2].T + crop_from_moving[:2, 2],
+        ]
+    )
+    return crops[0], crops[1], moved
+
+
+def write_moved_folder(args):
+    """Write MOVES_PER_PAIR moved versions (``moved_pair``) of every S pair of the FIRE folders
+    as a FIRE-layout folder of P pairs."""
+    root = Path(args.WRITE_MOVED)
+    count = 0
+    for folder in folders(args.FIRE):
+        for item in read_fire(folder):
+            if item.problem or item.category != "S":
+                continue
+            images = []
+            for path in (item.fixed, item.moving):
+                image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+                if image is None:
+                    raise InputError(path, "cannot be decoded as an image")
+                images.append(image)
+            for _ in range(args.MOVES_PER_PAIR):
+                rng = np.random.default_rng([args.SEED, count])
+                fixed, moving, points = moved_pair(rng, *images, item.points, args)
+                count += 1
+                write_fire_pair(root, f"P{count:02d}", fixed, moving, points, quality=95)
+    if not count:
+        raise InputError(args.FIRE or "--fire", "no S pairs to move")
+    print(f"{root}: {count} moved FIRE-layout pairs from {args.FIRE}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +517,8 @@ def config_key(args):
 
 def main(args):
     start = time.perf_counter()  # the manifest adds up the seconds of every run that wrote shards
+    if args.WRITE_MOVED:
+        return write_moved_folder(args)
     photos, failed_photos = load_photos(args)
     if args.WRITE_SAMPLE:
         if not photos:

@@ -10,7 +10,7 @@ from skimage import data
 
 import DatasetCreator
 import registrar
-from common import apply_affine, cli, square_frame
+from common import InputError, apply_affine, cli, fit_affine, read_fire, square_frame
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,59 @@ def test_pyramid_patches_are_cut_in_the_views_frame():
         for patch, (x, y) in zip(patches, corners):
             expected = view[y : y + 64, x : x + 64].astype(float)
             assert np.abs(patch - expected).mean() < (1.0 if size == 700 else 4.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_moved_real_pair_keeps_its_control_points_true(photo, seed):
+    """--write-moved: the crops of a pair moved apart, with their control points taken along.
+    Here the 'pair' is one photograph and a copy rotated by 3 degrees: the control points' affine
+    then carries the moving crop onto the fixed one, the motion is as large as asked, and the
+    same round aperture lies over both crops."""
+    _, bgr, _ = photo
+    rotate = np.vstack([cv2.getRotationMatrix2D((350, 350), 3, 1.0), [0, 0, 1]])  # moving <- fixed
+    moving = cv2.warpAffine(bgr, rotate[:2], (700, 700))
+    grid = np.stack(np.meshgrid(np.arange(200, 520, 80), np.arange(200, 520, 80)), -1)
+    fixed_points = grid.reshape(-1, 2).astype(np.float64)
+    points = np.hstack([fixed_points, apply_affine(rotate, fixed_points)])
+    args = settings()
+    fixed_crop, moving_crop, moved = DatasetCreator.moved_pair(
+        np.random.default_rng(seed), bgr, moving, points, args
+    )
+    side = fixed_crop.shape[0]
+    a, residual = fit_affine(moved[:, 2:4], moved[:, 0:2])  # fixed crop <- moving crop
+    assert residual.max() < 0.01  # the moved points still obey one affine
+    warped = cv2.warpAffine(moving_crop, a, (side, side))
+    both = (fixed_crop.max(axis=-1) > 0) & (warped.max(axis=-1) > 0)
+    both = cv2.erode(both.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    assert both.mean() > 0.2  # a large motion, but an overlap
+    difference = np.abs(fixed_crop.astype(int) - warped.astype(int))[both]
+    assert np.median(difference) < 6  # the same retina where both crops see it
+    centre = np.array([[side / 2, side / 2]])
+    shift = np.linalg.norm(apply_affine(a, centre) - centre) / side
+    assert args.MAX_SHIFT / 2 - 0.02 <= shift <= args.MAX_SHIFT + 0.02
+    apertures = [img.max(axis=-1) > 0 for img in (fixed_crop, moving_crop)]
+    assert np.count_nonzero(apertures[0] != apertures[1]) < 0.01 * side * side  # it stays put
+
+
+def test_write_moved_makes_p_pairs_from_the_s_pairs_of_a_fire_folder(tmp_path, photo):
+    _, bgr, _ = photo
+    source = tmp_path / "real"
+    (source / "Images").mkdir(parents=True)
+    (source / "Ground Truth").mkdir()
+    for pair in ("S01", "P01"):  # only S pairs are moved: a P pair already has little overlap
+        cv2.imwrite(str(source / "Images" / f"{pair}_1.jpg"), bgr)
+        cv2.imwrite(str(source / "Images" / f"{pair}_2.jpg"), bgr)
+        rows = "".join(f"{x} {y} {x} {y}\n" for x in (250, 350, 450) for y in (250, 450))
+        (source / "Ground Truth" / f"control_points_{pair}_1_2.txt").write_text(rows)
+    out = tmp_path / "moved"
+    argv = ["--write-moved", str(out), "--fire", str(source), "--moves-per-pair", "2"]
+    DatasetCreator.main(cli(vars(DatasetCreator), "", argv))
+    pairs = read_fire(out)
+    assert [p.pair for p in pairs] == ["P01", "P02"] and not any(p.problem for p in pairs)
+    assert all(p.points.shape == (6, 4) for p in pairs)
+    only_p = tmp_path / "only-p"
+    (source / "Images" / "S01_1.jpg").rename(source / "Images" / "X01_1.jpg")
+    with pytest.raises(InputError, match="no S pairs"):
+        DatasetCreator.main(
+            cli(vars(DatasetCreator), "", ["--write-moved", str(only_p), "--fire", str(source)])
+        )
