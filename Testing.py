@@ -75,11 +75,14 @@ FINE_PATCH = 64
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
 AGREE_PX = 3.0  # net confidence: share of fine patches within this many px of the fitted affine
-RETRY_BELOW = 0.5  # net: below this confidence, retry (patches from the identity, shifted starts)
+RETRY_BELOW = 0.5  # net: below this confidence, retry (patches from the identity, other starts)
 RETRY_SHIFT = 0.25  # net: the shifted starts move the moving image by this share of its side
+RETRY_ROTATION = 20.0  # net: then starts turned by this many degrees both ways, alone and shifted
 KEEP_FINER_ABOVE = 0.5  # net: a pass finer than 384 px is kept only if this share of patches agree
 FLATTEN = True  # net: patches less their best-fitting plane before phase correlation
 WEIGHTED = True  # net: patches weigh in the fit by the square of their correlation peak
+REPEAT_ABOVE = 0.125  # net: a pass that moves a patch more than this share of it is repeated once
+ZOOM_AT_OVERLAP = True  # net: a retry zooms where both fields of view overlap, not at the centre
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 
@@ -123,9 +126,12 @@ def make_method(name, args):
                 agree_px=args.AGREE_PX,
                 retry_below=args.RETRY_BELOW,
                 retry_shift=args.RETRY_SHIFT,
+                retry_rotation=args.RETRY_ROTATION,
                 keep_finer_above=args.KEEP_FINER_ABOVE,
                 flatten=args.FLATTEN,
                 weighted=args.WEIGHTED,
+                repeat_above=args.REPEAT_ABOVE,
+                zoom_at_overlap=args.ZOOM_AT_OVERLAP,
             )
         except ValueError as e:  # a setting the procedure cannot take: one line, like a bad file
             raise InputError("net settings", str(e)) from None

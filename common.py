@@ -191,6 +191,13 @@ def to3x3(a):
     return a if a.shape == (3, 3) else np.vstack([a, [0.0, 0.0, 1.0]])
 
 
+def rotation(degrees):
+    """3x3 rotation by ``degrees`` about the origin; with y pointing down, a positive angle turns
+    x towards y (clockwise as displayed)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
 def translation(dx, dy):
     return np.array([[1.0, 0, dx], [0, 1.0, dy], [0, 0, 1.0]])
 

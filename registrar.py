@@ -6,7 +6,8 @@ fine:
        CLAHE; common.square_view); the network predicts the motion, the moving view is re-warped
        by the estimate and the network predicts the residual, COARSE_ITERATIONS times.
     2. zoomed, the network again: on the central 1/ZOOM of views ZOOM times as large (the same
-       input size, so ZOOM times finer), ZOOM_ITERATIONS times: the residual, more precisely.
+       input size, so ZOOM times finer), ZOOM_ITERATIONS times: the residual, more precisely
+       (in a retry, on the overlap instead: 5).
     3. fine, one pass per entry of FINE_SIZES: at a square view of that side, FINE_PATCHES patches
        of FINE_PATCH px where both fields of view overlap (under the current estimate) measure
        their residual translation by phase correlation (REFINE = phase: OpenCV, closed form,
@@ -18,7 +19,10 @@ fine:
        squares fit wants, and they give vessels the weight that SIFT's keypoints and FIRE's
        control points, all on vessels, have). The passes go from coarse to fine:
        a small view first, where a patch reaches a residual twice as large (the capture range of
-       the network's estimate), then larger ones for precision. A pass larger than the image
+       the network's estimate), then larger ones for precision. A pass up to CONFIDENCE_SIZE
+       that moves a patch by more than REPEAT_ABOVE of its side is repeated once from its own
+       result: the correlation window weakens content shifted far, so a pass from a distant
+       start measures short and stops part of the way. A pass larger than the image
        works at the image's own size. A pass finer than CONFIDENCE_SIZE is kept only if at least
        KEEP_FINER_ABOVE of its patches agree with its fit (on a blurred image, small patches at
        full resolution hold too little texture, and disagree).
@@ -32,7 +36,12 @@ fine:
     5. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
        most confident: first the fine stage from the identity (the network's guess can be wrong
        where the images differ most in appearance, and a small motion is within the patches'
-       own reach), then the network from 8 starts shifted by RETRY_SHIFT of the side.
+       own reach), then the network's estimate again, its zoomed passes centred on the overlap
+       of both fields of view under that estimate instead of the view's centre (ZOOM_AT_OVERLAP:
+       after a large motion the central crops share little retina), then the network from 8
+       starts shifted by RETRY_SHIFT of the side, 2 turned by +-RETRY_ROTATION, and the 16
+       combinations of both (a real pair moved by 40 % of its side and turned 16 degrees can be
+       out of the network's reach from the identity and from a shift alone).
        Without fine passes there is no retry, and the confidence is the normalised
        cross-correlation of the coarse views (blind to errors of a pixel or two at 64 px).
 
@@ -60,6 +69,7 @@ from common import (
     fov_mask,
     global_from_local,
     norm_from_pixels,
+    rotation,
     scale_matrix,
     square_frame,
     square_view,
@@ -78,11 +88,16 @@ AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust f
 AGREE_PX = 3.0  # a patch agrees with the fitted affine within this many px (confidence)
 CONFIDENCE_SIZE = 384  # the confidence is the agreement in the last pass at most this size
 KEEP_FINER_ABOVE = 0.5  # a pass finer than that is kept only if this share of its patches agree
+REPEAT_ABOVE = 0.125  # a pass up to CONFIDENCE_SIZE that moves a patch by more than this share of
+# its side is repeated once (0 = never)
 FLATTEN = True  # phase correlation of patches less their best-fitting plane (illumination)
 WEIGHTED = True  # each patch weighs in the fit by the square of its phase-correlation peak
-RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, then the
-# network from 8 starts shifted by RETRY_SHIFT of the side (until one is confident)
+RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, the network
+# zoomed at the overlap, then the network from 26 shifted and turned starts (until one is
+# confident)
 RETRY_SHIFT = 0.25  # 0 = no shifted starts
+RETRY_ROTATION = 20.0  # degrees: then starts turned both ways, alone and shifted (0 = none)
+ZOOM_AT_OVERLAP = True  # a retry zooms at the overlap of both fields of view, not the centre
 MASK_SIZE = 192  # side of the views in which the fields of view are found
 
 
@@ -153,9 +168,12 @@ class NetRegistrar:
         agree_px=AGREE_PX,
         retry_below=RETRY_BELOW,
         retry_shift=RETRY_SHIFT,
+        retry_rotation=RETRY_ROTATION,
         keep_finer_above=KEEP_FINER_ABOVE,
         flatten=FLATTEN,
         weighted=WEIGHTED,
+        repeat_above=REPEAT_ABOVE,
+        zoom_at_overlap=ZOOM_AT_OVERLAP,
     ):
         import tensorflow as tf
 
@@ -172,14 +190,23 @@ class NetRegistrar:
         self.aggregate, self.refine = aggregate, refine
         self.agree_px, self.retry_below = agree_px, retry_below
         self.keep_finer_above, self.flatten, self.weighted = keep_finer_above, flatten, weighted
+        self.repeat_above = repeat_above
+        self.zoom_at_overlap = zoom_at_overlap
         # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
-        # in 8 directions, which puts a larger motion back within the network's training range
+        # in 8 directions, then turned by +-retry_rotation about its centre, then both, which
+        # puts a larger motion back within the network's training range
         step = retry_shift * self.size
-        self._starts = [
+        shifts = [
             translation(dx * step, dy * step)
             for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]
             if step
         ]
+        centre = (self.size - 1) / 2
+        turns = [
+            translation(centre, centre) @ rotation(degrees) @ translation(-centre, -centre)
+            for degrees in ((retry_rotation, -retry_rotation) if retry_rotation else ())
+        ]
+        self._starts = shifts + turns + [shift @ turn for turn in turns for shift in shifts]
         spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
 
         def matrix(x):
@@ -245,10 +272,14 @@ class NetRegistrar:
         fine = (pyramids, masks)
         a, confidence = self._attempt(coarse, fine, np.eye(3), self.coarse_iterations)
         if confidence < self.retry_below and self.coarse_iterations and self.fine_sizes:
-            # the patches from the identity, then the network from shifted starts
-            tries = [(np.eye(3), 0)] + [(start, self.coarse_iterations) for start in self._starts]
-            for start, passes in tries:
-                retry, retry_confidence = self._attempt(coarse, fine, start, passes)
+            # the patches from the identity, the network zoomed at the overlap, then the network
+            # from shifted and turned starts
+            tries = [(np.eye(3), 0, False)]
+            if self.zoom_iterations and self.zoom_at_overlap:
+                tries.append((np.eye(3), self.coarse_iterations, True))
+            tries += [(start, self.coarse_iterations, False) for start in self._starts]
+            for start, passes, at_overlap in tries:
+                retry, retry_confidence = self._attempt(coarse, fine, start, passes, at_overlap)
                 if retry_confidence > confidence:
                     a, confidence = retry, retry_confidence
                 if confidence >= self.retry_below:
@@ -258,7 +289,7 @@ class NetRegistrar:
             return Registration(None, 0.0, "network returned a non-finite matrix")
         return Registration(matrix[:2], confidence)
 
-    def _attempt(self, coarse, fine, start, passes):
+    def _attempt(self, coarse, fine, start, passes, at_overlap=False):
         """From ``start`` (coarse fixedview_from_movingview): ``passes`` of the network, then the
         fine passes. Returns (fixed_from_moving in image pixels, confidence)."""
         (fixed_view, fixed_from), (moving_view, moving_from) = coarse[0]
@@ -268,7 +299,7 @@ class NetRegistrar:
             a = self.predict(fixed_view[None], warped[None])[0] @ a
         a = np.linalg.inv(fixed_from) @ a @ moving_from  # image pixels from here on
         if passes and self.zoom_iterations:
-            a = self._zoom(*coarse[1], a)
+            a = self._zoom(*coarse[1], a, _overlap_centre(fine[1], a) if at_overlap else None)
         if not self.fine_sizes:
             warped = cv2.warpAffine(moving_view, (fixed_from @ a @ np.linalg.inv(moving_from))[:2],
                                     (self.size, self.size))  # fmt: skip
@@ -276,7 +307,9 @@ class NetRegistrar:
         judged = ([s for s in self.fine_sizes if s <= CONFIDENCE_SIZE] or self.fine_sizes)[-1]
         confidence = 0.0
         for size in self.fine_sizes:
-            refined, agreement = self._fine_pass(*fine, a, size)
+            refined, agreement, moved = self._fine_pass(*fine, a, size)
+            if size <= judged and moved > self.repeat_above > 0:  # see REPEAT_ABOVE
+                refined, agreement, _ = self._fine_pass(*fine, refined, size)
             if size > judged and agreement < self.keep_finer_above:
                 break  # too fine for this pair (blur, little texture): the patches disagree
             a = refined
@@ -284,16 +317,21 @@ class NetRegistrar:
                 confidence = agreement
         return a, confidence
 
-    def _zoom(self, fixed, moving, a):
+    def _zoom(self, fixed, moving, a, centre=None):
         """ZOOM_ITERATIONS network passes on the central part of views ZOOM times as large as the
         coarse ones (the same network input size, so ZOOM times finer): the coarse estimate's
-        residual, ZOOM times more precisely. Each crop is equalised (CLAHE) on its own, as the
-        network's inputs are in training. Takes and returns fixed_from_moving in image pixels."""
+        residual, ZOOM times more precisely; or, given ``centre`` (fixed image pixels), on the
+        crop centred there (as far as the view allows). Each crop is equalised (CLAHE) on its
+        own, as the network's inputs are in training. Takes and returns fixed_from_moving in
+        image pixels."""
         (fixed_view, fixed_from), (moving_view, moving_from) = fixed, moving
         p = self.size
-        top = (fixed_view.shape[0] - p) // 2
-        crop_from_view = translation(-top, -top)
-        fixed_crop = equalise(fixed_view[top : top + p, top : top + p])
+        left = top = (fixed_view.shape[0] - p) // 2
+        if centre is not None:  # the crop centred on the overlap, inside the view
+            x, y = (fixed_from @ [*centre, 1.0])[:2]
+            left, top = (int(np.clip(round(c - p / 2), 0, fixed_view.shape[0] - p)) for c in (x, y))
+        crop_from_view = translation(-left, -top)
+        fixed_crop = equalise(fixed_view[top : top + p, left : left + p])
         v = fixed_from @ a @ np.linalg.inv(moving_from)  # fixedview_from_movingview
         for _ in range(self.zoom_iterations):
             warped = cv2.warpAffine(moving_view, (crop_from_view @ v)[:2], (p, p))
@@ -303,15 +341,16 @@ class NetRegistrar:
 
     def _fine_pass(self, pyramids, masks, a, size):
         """One pass at a square view of side ``size``: refine ``a`` (fixed_from_moving, image
-        pixels) with patches where both fields of view overlap; returns it and the share of
-        patches that agree with the refined affine (the module docstring)."""
+        pixels) with patches where both fields of view overlap; returns it, the share of patches
+        that agree with the refined affine (the module docstring), and how far the pass moved
+        the farthest patch centre, in patch sides (REPEAT_ABOVE)."""
         size = min(size, max(pyramids[0].shape))
         p = min(self.fine_patch, size // 2)
         view_from_image = square_frame(pyramids[0].shape, size)
         image_from_view = np.linalg.inv(view_from_image)
         corners = _patch_corners(masks, a, image_from_view, size, p, self.fine_patches)
         if len(corners) < 3:  # (almost) no overlap at this scale: nothing to measure, nor trust
-            return a, 0.0
+            return a, 0.0, 0.0
         image_from_patch = np.tile(image_from_view, (len(corners), 1, 1))  # @ translation(x, y)
         image_from_patch[:, :2, 2] += np.asarray(corners, np.float64) @ image_from_view[:2, :2].T
         moving_from_patch = np.linalg.inv(a) @ image_from_patch
@@ -329,7 +368,24 @@ class NetRegistrar:
         # an affine goes through any 3 patches: those agree for free; and a result that only a
         # handful of patches support is not trusted (the module docstring)
         agree = np.count_nonzero(residual <= self.agree_px) - 3
-        return a, float(max(0, agree) / (max(len(corners), self.fine_patches / 4) - 3))
+        # how far the update moved the patches (the farthest centre), in patch sides
+        centres = np.asarray(corners, np.float64) + p / 2
+        moved = np.linalg.norm(centres @ (update[:2, :2] - np.eye(2)).T + update[:2, 2], axis=1)
+        agreement = max(0, agree) / (max(len(corners), self.fine_patches / 4) - 3)
+        return a, float(agreement), float(moved.max() / p)
+
+
+def _overlap_centre(masks, a):
+    """Centroid (fixed image pixels) of where both fields of view see the retina under ``a``
+    (fixed_from_moving, image pixels); None without overlap."""
+    (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
+    m = fixed_from @ a @ np.linalg.inv(moving_from)
+    warped = cv2.warpAffine(moving_mask.astype(np.uint8), m[:2], fixed_mask.shape[::-1],
+                            flags=cv2.INTER_NEAREST)  # fmt: skip
+    ys, xs = np.nonzero(warped & fixed_mask)
+    if len(xs) == 0:
+        return None
+    return (np.linalg.inv(fixed_from) @ [xs.mean(), ys.mean(), 1.0])[:2]
 
 
 def _flatten(patches):
@@ -396,7 +452,7 @@ def _fit_patch_motions(local, corners, size, aggregate, weights=None):
     leaves more than max(1.5 px, 2.5 x the median residual) away; ``lmeds`` by least median of
     squares; ``mean`` averages the patches' full-image matrices (the prototype's aggregate).
     Only ``trimmed`` uses the weights."""
-    translations_only = np.allclose(local[:, :2, :2], np.eye(2))
+    translations_only = np.abs(local[:, :2, :2] - np.eye(2)).max() <= 1e-8  # (np.allclose: slow)
     ticks = [size / 2] if translations_only else [0, size / 2, size - 1]
     grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2) in patch pixels
     origin = np.asarray(corners, np.float64)[:, None, :]  # (K, 1, 2): each patch's (left, top)

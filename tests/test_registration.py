@@ -31,9 +31,12 @@ def test_testing_defaults_are_the_registrars():
         "AGREE_PX",
         "RETRY_BELOW",
         "RETRY_SHIFT",
+        "RETRY_ROTATION",
         "KEEP_FINER_ABOVE",
         "FLATTEN",
         "WEIGHTED",
+        "REPEAT_ABOVE",
+        "ZOOM_AT_OVERLAP",
     ]
     for name in names:
         assert getattr(Testing, name) == getattr(registrar, name), name
