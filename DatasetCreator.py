@@ -411,19 +411,27 @@ def write_moved_folder(args):
     count = 0
     for folder in folders(args.FIRE):
         for item in read_fire(folder):
-            if item.problem or item.category != "S":
+            if item.category != "S":
                 continue
-            images = []
-            for path in (item.fixed, item.moving):
-                image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-                if image is None:
-                    raise InputError(path, "cannot be decoded as an image")
-                images.append(image)
-            for _ in range(args.MOVES_PER_PAIR):
-                rng = np.random.default_rng([args.SEED, count])
-                fixed, moving, points = moved_pair(rng, *images, item.points, args)
-                count += 1
-                write_fire_pair(root, f"P{count:02d}", fixed, moving, points, quality=95)
+            try:  # a pair that cannot be used is reported, and the others are written
+                if item.problem:
+                    raise InputError(item.pair, item.problem)
+                images = []
+                for path in (item.fixed, item.moving):
+                    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # file pixels
+                    image = cv2.imread(str(path), flags)
+                    if image is None:
+                        raise InputError(path, "cannot be decoded as an image")
+                    images.append(image)
+                for _ in range(args.MOVES_PER_PAIR):
+                    rng = np.random.default_rng([args.SEED, count])
+                    fixed, moving, points = moved_pair(rng, *images, item.points, args)
+                    if fixed.shape[0] < 64:
+                        raise InputError(item.fixed, "field of view too small to cut a moved pair")
+                    count += 1
+                    write_fire_pair(root, f"P{count:02d}", fixed, moving, points, quality=95)
+            except InputError as e:
+                print(f"warning: skipped {folder}/{item.pair}: {e}")
     if not count:
         raise InputError(args.FIRE or "--fire", "no S pairs to move")
     print(f"{root}: {count} moved FIRE-layout pairs from {args.FIRE}")

@@ -121,7 +121,7 @@ def test_a_moved_real_pair_keeps_its_control_points_true(photo, seed):
     assert np.count_nonzero(apertures[0] != apertures[1]) < 0.01 * side * side  # it stays put
 
 
-def test_write_moved_makes_p_pairs_from_the_s_pairs_of_a_fire_folder(tmp_path, photo):
+def test_write_moved_makes_p_pairs_from_the_s_pairs_of_a_fire_folder(tmp_path, photo, capsys):
     _, bgr, _ = photo
     source = tmp_path / "real"
     (source / "Images").mkdir(parents=True)
@@ -131,9 +131,14 @@ def test_write_moved_makes_p_pairs_from_the_s_pairs_of_a_fire_folder(tmp_path, p
         cv2.imwrite(str(source / "Images" / f"{pair}_2.jpg"), bgr)
         rows = "".join(f"{x} {y} {x} {y}\n" for x in (250, 350, 450) for y in (250, 450))
         (source / "Ground Truth" / f"control_points_{pair}_1_2.txt").write_text(rows)
+    (source / "Images" / "S02_1.jpg").write_bytes((source / "Images" / "S01_1.jpg").read_bytes())
+    (source / "Images" / "S02_2.jpg").write_bytes(b"not an image")  # reported, then skipped
+    (source / "Ground Truth" / "control_points_S02_1_2.txt").write_text(rows)
     out = tmp_path / "moved"
     argv = ["--write-moved", str(out), "--fire", str(source), "--moves-per-pair", "2"]
     DatasetCreator.main(cli(vars(DatasetCreator), "", argv))
+    printed = capsys.readouterr().out
+    assert "warning: skipped" in printed and "S02_2.jpg: cannot be decoded" in printed
     pairs = read_fire(out)
     assert [p.pair for p in pairs] == ["P01", "P02"] and not any(p.problem for p in pairs)
     assert all(p.points.shape == (6, 4) for p in pairs)
