@@ -82,7 +82,7 @@ KEEP_FINER_ABOVE = 0.5  # net: a pass finer than 384 px is kept only if this sha
 FLATTEN = True  # net: patches less their best-fitting plane before phase correlation
 WEIGHTED = True  # net: patches weigh in the fit by the square of their correlation peak
 REPEAT_ABOVE = 0.125  # net: a pass that moves a patch more than this share of it is repeated once
-ZOOM_AT_OVERLAP = True  # net: a retry zooms where both fields of view overlap, not at the centre
+ZOOM_AT_OVERLAP = True  # net: the zoomed passes look where both fields of view overlap
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 

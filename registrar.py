@@ -5,9 +5,11 @@ fine:
     1. coarse, the network: both whole images as COARSE views (padded square, INPUT_SIZE px,
        CLAHE; common.square_view); the network predicts the motion, the moving view is re-warped
        by the estimate and the network predicts the residual, COARSE_ITERATIONS times.
-    2. zoomed, the network again: on the central 1/ZOOM of views ZOOM times as large (the same
-       input size, so ZOOM times finer), ZOOM_ITERATIONS times: the residual, more precisely
-       (in a retry, on the overlap instead: 5).
+    2. zoomed, the network again: on 1/ZOOM of views ZOOM times as large (the same input size,
+       so ZOOM times finer), ZOOM_ITERATIONS times: the residual, more precisely. The crop is
+       centred where both fields of view overlap under the coarse estimate (ZOOM_AT_OVERLAP; at
+       the views' centre otherwise): after a motion of a third of the side, the central crops
+       share little retina.
     3. fine, one pass per entry of FINE_SIZES: at a square view of that side, FINE_PATCHES patches
        of FINE_PATCH px where both fields of view overlap (under the current estimate) measure
        their residual translation by phase correlation (REFINE = phase: OpenCV, closed form,
@@ -36,9 +38,7 @@ fine:
     5. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
        most confident: first the fine stage from the identity (the network's guess can be wrong
        where the images differ most in appearance, and a small motion is within the patches'
-       own reach), then the network's estimate again, its zoomed passes centred on the overlap
-       of both fields of view under that estimate instead of the view's centre (ZOOM_AT_OVERLAP:
-       after a large motion the central crops share little retina), then the network from 8
+       own reach), then the network from 8
        starts shifted by RETRY_SHIFT of the side, 2 turned by +-RETRY_ROTATION, and the 16
        combinations of both (a real pair moved by 40 % of its side and turned 16 degrees can be
        out of the network's reach from the identity and from a shift alone).
@@ -92,12 +92,12 @@ REPEAT_ABOVE = 0.125  # a pass up to CONFIDENCE_SIZE that moves a patch by more 
 # its side is repeated once (0 = never)
 FLATTEN = True  # phase correlation of patches less their best-fitting plane (illumination)
 WEIGHTED = True  # each patch weighs in the fit by the square of its phase-correlation peak
-RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, the network
-# zoomed at the overlap, then the network from 26 shifted and turned starts (until one is
-# confident)
+RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity, then the
+# network from 26 shifted and turned starts (until one is confident)
 RETRY_SHIFT = 0.25  # 0 = no shifted starts
 RETRY_ROTATION = 20.0  # degrees: then starts turned both ways, alone and shifted (0 = none)
-ZOOM_AT_OVERLAP = True  # a retry zooms at the overlap of both fields of view, not the centre
+ZOOM_AT_OVERLAP = True  # the zoomed passes look at the overlap of both fields of view, not at the
+# centre of the views
 MASK_SIZE = 192  # side of the views in which the fields of view are found
 
 
@@ -272,14 +272,10 @@ class NetRegistrar:
         fine = (pyramids, masks)
         a, confidence = self._attempt(coarse, fine, np.eye(3), self.coarse_iterations)
         if confidence < self.retry_below and self.coarse_iterations and self.fine_sizes:
-            # the patches from the identity, the network zoomed at the overlap, then the network
-            # from shifted and turned starts
-            tries = [(np.eye(3), 0, False)]
-            if self.zoom_iterations and self.zoom_at_overlap:
-                tries.append((np.eye(3), self.coarse_iterations, True))
-            tries += [(start, self.coarse_iterations, False) for start in self._starts]
-            for start, passes, at_overlap in tries:
-                retry, retry_confidence = self._attempt(coarse, fine, start, passes, at_overlap)
+            # the patches from the identity, then the network from shifted and turned starts
+            tries = [(np.eye(3), 0)] + [(start, self.coarse_iterations) for start in self._starts]
+            for start, passes in tries:
+                retry, retry_confidence = self._attempt(coarse, fine, start, passes)
                 if retry_confidence > confidence:
                     a, confidence = retry, retry_confidence
                 if confidence >= self.retry_below:
@@ -289,7 +285,7 @@ class NetRegistrar:
             return Registration(None, 0.0, "network returned a non-finite matrix")
         return Registration(matrix[:2], confidence)
 
-    def _attempt(self, coarse, fine, start, passes, at_overlap=False):
+    def _attempt(self, coarse, fine, start, passes):
         """From ``start`` (coarse fixedview_from_movingview): ``passes`` of the network, then the
         fine passes. Returns (fixed_from_moving in image pixels, confidence)."""
         (fixed_view, fixed_from), (moving_view, moving_from) = coarse[0]
@@ -299,7 +295,8 @@ class NetRegistrar:
             a = self.predict(fixed_view[None], warped[None])[0] @ a
         a = np.linalg.inv(fixed_from) @ a @ moving_from  # image pixels from here on
         if passes and self.zoom_iterations:
-            a = self._zoom(*coarse[1], a, _overlap_centre(fine[1], a) if at_overlap else None)
+            centre = _overlap_centre(fine[1], a) if self.zoom_at_overlap else None
+            a = self._zoom(*coarse[1], a, centre)
         if not self.fine_sizes:
             warped = cv2.warpAffine(moving_view, (fixed_from @ a @ np.linalg.inv(moving_from))[:2],
                                     (self.size, self.size))  # fmt: skip
@@ -320,8 +317,8 @@ class NetRegistrar:
     def _zoom(self, fixed, moving, a, centre=None):
         """ZOOM_ITERATIONS network passes on the central part of views ZOOM times as large as the
         coarse ones (the same network input size, so ZOOM times finer): the coarse estimate's
-        residual, ZOOM times more precisely; or, given ``centre`` (fixed image pixels), on the
-        crop centred there (as far as the view allows). Each crop is equalised (CLAHE) on its
+        residual, ZOOM times more precisely; given ``centre`` (fixed image pixels), on the crop
+        centred there instead (as far as the view allows). Each crop is equalised (CLAHE) on its
         own, as the network's inputs are in training. Takes and returns fixed_from_moving in
         image pixels."""
         (fixed_view, fixed_from), (moving_view, moving_from) = fixed, moving
