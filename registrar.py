@@ -38,10 +38,9 @@ fine:
     5. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
        most confident: first the fine stage from the identity (the network's guess can be wrong
        where the images differ most in appearance, and a small motion is within the patches'
-       own reach), then the network from 8
-       starts shifted by RETRY_SHIFT of the side, 2 turned by +-RETRY_ROTATION, and the 16
-       combinations of both (a real pair moved by 40 % of its side and turned 16 degrees can be
-       out of the network's reach from the identity and from a shift alone).
+       own reach), then the network from 8 starts shifted by RETRY_SHIFT of the side, 2 turned
+       by +-RETRY_ROTATION, and the 16 combinations of both (real pairs moved by half their side
+       can be out of the network's reach from the identity and from every shift alone).
        Without fine passes there is no retry, and the confidence is the normalised
        cross-correlation of the coarse views (blind to errors of a pixel or two at 64 px).
 
