@@ -55,6 +55,7 @@ from common import (
     norm_from_pixels,
     read_fire,
     read_image,
+    rotation,
     square_view,
     to3x3,
     translation,
@@ -225,11 +226,10 @@ def synthetic_pair(rng, photo, args, motion=1.0, appearance=1.0):
     stretch = max(1.0, np.linalg.svd(a[:2, :2], compute_uv=False)[0])
     fit = 0.97 * disc_radius / (stretch * reach + np.linalg.norm(moved_centre - centre) / 2)
     zoom = fit * rng.uniform(0.75, 1.0)  # photograph pixels per view pixel
-    angle = np.radians(rng.uniform(-20, 20))
-    c, s = np.cos(angle) * zoom, np.sin(angle) * zoom
     source_from_fixed = (
         translation(*disc_centre)
-        @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+        @ rotation(rng.uniform(-20, 20))
+        @ np.diag([zoom, zoom, 1.0])
         @ translation(*(-(centre + moved_centre) / 2))
     )
     if zoom > 1.2:  # shrinking: blur first, against aliasing
@@ -373,7 +373,7 @@ def moved_pair(rng, fixed, moving, points, args):
     crop, where they still measure the affine, extrapolated, against the real motion)."""
     (fixed_centre, fixed_radius), (moving_centre, moving_radius) = map(source_disc, (fixed, moving))
     shift = rng.uniform(args.MAX_SHIFT / 2, args.MAX_SHIFT)
-    angle = np.radians(rng.uniform(-args.MAX_ROTATION_DEG, args.MAX_ROTATION_DEG))
+    degrees = rng.uniform(-args.MAX_ROTATION_DEG, args.MAX_ROTATION_DEG)
     scale = np.exp(rng.uniform(-args.MAX_SCALE / 2, args.MAX_SCALE / 2))
     # the aperture (radius 0.47 C, scaled) of each crop lies inside the smaller disc
     side = int(
@@ -381,12 +381,12 @@ def moved_pair(rng, fixed, moving, points, args):
     )
     direction = rng.uniform(0, 2 * np.pi)
     offset = shift * side / 2 * np.array([np.cos(direction), np.sin(direction)])
-    c, s = np.cos(angle), np.sin(angle)
     centre = translation(side / 2, side / 2)
     crop_from_fixed = centre @ translation(*(offset - fixed_centre))
     crop_from_moving = (
         centre
-        @ np.array([[c * scale, -s * scale, 0], [s * scale, c * scale, 0], [0, 0, 1]])
+        @ rotation(degrees)
+        @ np.diag([scale, scale, 1.0])
         @ translation(*(-offset - moving_centre))
     )
     aperture = np.zeros((side, side), np.uint8)

@@ -83,6 +83,24 @@ FLATTEN = True  # net: patches less their best-fitting plane before phase correl
 WEIGHTED = True  # net: patches weigh in the fit by the square of their correlation peak
 REPEAT_ABOVE = 0.125  # net: a pass that moves a patch more than this share of it is repeated once
 ZOOM_AT_OVERLAP = True  # net: the zoomed passes look where both fields of view overlap
+NET_SETTINGS = (  # the constants above that NetRegistrar takes, each as its lower-case keyword
+    "COARSE_ITERATIONS",
+    "ZOOM_ITERATIONS",
+    "FINE_SIZES",
+    "FINE_PATCHES",
+    "FINE_PATCH",
+    "REFINE",
+    "AGGREGATE",
+    "AGREE_PX",
+    "RETRY_BELOW",
+    "RETRY_SHIFT",
+    "RETRY_ROTATION",
+    "KEEP_FINER_ABOVE",
+    "FLATTEN",
+    "WEIGHTED",
+    "REPEAT_ABOVE",
+    "ZOOM_AT_OVERLAP",
+)
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 
@@ -113,26 +131,9 @@ def make_method(name, args):
 
         path = args.MODEL if name == "net" else name
         model = load_network(path)
+        settings = {name.lower(): getattr(args, name) for name in NET_SETTINGS}
         try:
-            registrar = NetRegistrar(
-                model,
-                coarse_iterations=args.COARSE_ITERATIONS,
-                zoom_iterations=args.ZOOM_ITERATIONS,
-                fine_sizes=args.FINE_SIZES,
-                fine_patches=args.FINE_PATCHES,
-                fine_patch=args.FINE_PATCH,
-                aggregate=args.AGGREGATE,
-                refine=args.REFINE,
-                agree_px=args.AGREE_PX,
-                retry_below=args.RETRY_BELOW,
-                retry_shift=args.RETRY_SHIFT,
-                retry_rotation=args.RETRY_ROTATION,
-                keep_finer_above=args.KEEP_FINER_ABOVE,
-                flatten=args.FLATTEN,
-                weighted=args.WEIGHTED,
-                repeat_above=args.REPEAT_ABOVE,
-                zoom_at_overlap=args.ZOOM_AT_OVERLAP,
-            )
+            registrar = NetRegistrar(model, **settings)
         except ValueError as e:  # a setting the procedure cannot take: one line, like a bad file
             raise InputError("net settings", str(e)) from None
         return ("net" if name == "net" else Path(name).stem), registrar.register

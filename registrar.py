@@ -77,7 +77,7 @@ from common import (
 )
 
 COARSE_ITERATIONS = 1
-ZOOM = 2  # then the network on the central 1/ZOOM of views ZOOM times as large ...
+ZOOM = 2  # then the network on 1/ZOOM of views ZOOM times as large ...
 ZOOM_ITERATIONS = 2  # ... this many times (0 = none)
 FINE_SIZES = "192,384,768"  # one fine pass per entry: side of its square view ("" = coarse only)
 FINE_PATCHES = 40
