@@ -40,7 +40,10 @@ fine:
        where the images differ most in appearance, and a small motion is within the patches'
        own reach), then the network from 8 starts shifted by RETRY_SHIFT of the side, 2 turned
        by +-RETRY_ROTATION, and the 16 combinations of both (real pairs moved by half their side
-       can be out of the network's reach from the identity and from every shift alone).
+       can be out of the network's reach from the identity and from every shift alone). The
+       network's passes from these starts run in two batches (the shifts, then the rest); the
+       fine passes of each estimate run up to CONFIDENCE_SIZE only, and the finer ones
+       (precision, not confidence) once, from the most confident.
        Without fine passes there is no retry, and the confidence is the normalised
        cross-correlation of the coarse views (blind to errors of a pixel or two at 64 px).
 
@@ -206,6 +209,15 @@ class NetRegistrar:
             for degrees in ((retry_rotation, -retry_rotation) if retry_rotation else ())
         ]
         self._starts = shifts + turns + [shift @ turn for turn in turns for shift in shifts]
+        # their network passes run in two batches: the shifts (most pairs that the retry saves
+        # are saved by one), then the rest
+        self._batches = [b for b in (self._starts[: len(shifts)], self._starts[len(shifts) :]) if b]
+        # the fine passes up to the one whose agreement is the confidence (CONFIDENCE_SIZE), run
+        # from every estimate tried, and the finer ones, run once, from the most confident
+        judged = [s for s in self.fine_sizes if s <= CONFIDENCE_SIZE] or self.fine_sizes[-1:]
+        self._judged = judged[-1] if judged else None
+        cut = len(self.fine_sizes) - self.fine_sizes[::-1].index(self._judged) if judged else 0
+        self._judging, self._finer = self.fine_sizes[:cut], self.fine_sizes[cut:]
         spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
 
         def matrix(x):
@@ -230,6 +242,9 @@ class NetRegistrar:
         noise = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
         image = GreyImage(cv2.GaussianBlur(noise, (0, 0), 3) & disc, (512, 512), np.eye(3))
         self.register(image, image)
+        for batch in self._batches:  # XLA compiles once per batch size: the retry's too
+            blank = np.zeros((len(batch), self.size, self.size), np.uint8)
+            self.predict(blank, blank)
 
     def predict(self, fixed_patches, moving_patches):
         """(K, P, P) uint8 pairs -> (K, 3, 3) ``fixedpatch_from_movingpatch`` in patch pixels."""
@@ -269,70 +284,96 @@ class NetRegistrar:
             view, view_from_image = p.view(MASK_SIZE)
             masks.append((fov_mask(view) > 0, view_from_image))
         fine = (pyramids, masks)
-        a, confidence = self._attempt(coarse, fine, np.eye(3), self.coarse_iterations)
-        if confidence < self.retry_below and self.coarse_iterations and self.fine_sizes:
-            # the patches from the identity, then the network from shifted and turned starts
-            tries = [(np.eye(3), 0)] + [(start, self.coarse_iterations) for start in self._starts]
-            for start, passes in tries:
-                retry, retry_confidence = self._attempt(coarse, fine, start, passes)
-                if retry_confidence > confidence:
-                    a, confidence = retry, retry_confidence
+        if not self.fine_sizes:  # the network alone; confidence: cross-correlation of the views
+            a = self._network(coarse, masks, [np.eye(3)], self.coarse_iterations)[0]
+            (fixed_view, fixed_from), (moving_view, moving_from) = coarse[0]
+            v = fixed_from @ a @ np.linalg.inv(moving_from)
+            warped = cv2.warpAffine(moving_view, v[:2], (self.size, self.size))
+            confidence = _ncc(fixed_view, fov_mask(fixed_view), warped)
+        else:  # from each estimate the passes up to CONFIDENCE_SIZE, until one is confident;
+            # then the finer passes once, from the most confident (they leave its confidence be)
+            a, confidence, stopped = None, -1.0, False
+            for estimate in self._estimates(coarse, masks):
+                refined, agreement, stop = self._fine(fine, estimate, self._judging)
+                if agreement > confidence:
+                    a, confidence, stopped = refined, agreement, stop
                 if confidence >= self.retry_below:
                     break
+            if not stopped:
+                a, _, _ = self._fine(fine, a, self._finer)
         matrix = np.linalg.inv(fixed.decoded_from_file) @ a @ moving.decoded_from_file
         if not np.all(np.isfinite(matrix)):
             return Registration(None, 0.0, "network returned a non-finite matrix")
         return Registration(matrix[:2], confidence)
 
-    def _attempt(self, coarse, fine, start, passes):
-        """From ``start`` (coarse fixedview_from_movingview): ``passes`` of the network, then the
-        fine passes. Returns (fixed_from_moving in image pixels, confidence)."""
+    def _estimates(self, coarse, masks):
+        """The estimates (fixed_from_moving, image pixels) that the fine passes start from, in
+        order: the network's from the identity; then, for a retry, the identity itself and the
+        network's from each of the shifted and turned starts (module docstring, step 5), whose
+        network passes run in two batches (26 inputs cost about a third of 26 single calls)."""
+        yield self._network(coarse, masks, [np.eye(3)], self.coarse_iterations)[0]
+        if self.coarse_iterations:  # without the network there is nothing to retry
+            yield self._network(coarse, masks, [np.eye(3)], 0)[0]
+            for batch in self._batches:
+                yield from self._network(coarse, masks, batch, self.coarse_iterations)
+
+    def _network(self, coarse, masks, starts, passes):
+        """From each start (coarse fixedview_from_movingview): ``passes`` of the network on the
+        whole views, then (when it ran) the zoomed passes. Returns fixed_from_moving in image
+        pixels for each start."""
         (fixed_view, fixed_from), (moving_view, moving_from) = coarse[0]
-        a = start
+        a = np.asarray(starts, np.float64)
+        fixed_views = np.repeat(fixed_view[None], len(a), axis=0)
         for _ in range(passes):
-            warped = cv2.warpAffine(moving_view, a[:2], (self.size, self.size))
-            a = self.predict(fixed_view[None], warped[None])[0] @ a
+            warped = [cv2.warpAffine(moving_view, m[:2], (self.size, self.size)) for m in a]
+            a = self.predict(fixed_views, np.stack(warped)) @ a
         a = np.linalg.inv(fixed_from) @ a @ moving_from  # image pixels from here on
         if passes and self.zoom_iterations:
-            centre = _overlap_centre(fine[1], a) if self.zoom_at_overlap else None
-            a = self._zoom(*coarse[1], a, centre)
-        if not self.fine_sizes:
-            warped = cv2.warpAffine(moving_view, (fixed_from @ a @ np.linalg.inv(moving_from))[:2],
-                                    (self.size, self.size))  # fmt: skip
-            return a, _ncc(fixed_view, fov_mask(fixed_view), warped)
-        judged = ([s for s in self.fine_sizes if s <= CONFIDENCE_SIZE] or self.fine_sizes)[-1]
-        confidence = 0.0
-        for size in self.fine_sizes:
-            refined, agreement, moved = self._fine_pass(*fine, a, size)
-            if size <= judged and moved > self.repeat_above > 0:  # see REPEAT_ABOVE
-                refined, agreement, _ = self._fine_pass(*fine, refined, size)
-            if size > judged and agreement < self.keep_finer_above:
-                break  # too fine for this pair (blur, little texture): the patches disagree
-            a = refined
-            if size == judged:
-                confidence = agreement
-        return a, confidence
+            a = self._zoom(*coarse[1], masks, a)
+        return list(a)
 
-    def _zoom(self, fixed, moving, a, centre=None):
-        """ZOOM_ITERATIONS network passes on the central part of views ZOOM times as large as the
-        coarse ones (the same network input size, so ZOOM times finer): the coarse estimate's
-        residual, ZOOM times more precisely; given ``centre`` (fixed image pixels), on the crop
-        centred there instead (as far as the view allows). Each crop is equalised (CLAHE) on its
-        own, as the network's inputs are in training. Takes and returns fixed_from_moving in
-        image pixels."""
+    def _fine(self, fine, a, sizes):
+        """The fine passes of ``sizes`` (module docstring, step 3) from ``a`` (fixed_from_moving,
+        image pixels). Returns (a, confidence: the agreement of the pass at the judged size, or 0
+        if it did not run, stopped: whether a finer pass was dropped and the passes stopped)."""
+        confidence = 0.0
+        for size in sizes:
+            refined, agreement, moved = self._fine_pass(*fine, a, size)
+            if size <= self._judged and moved > self.repeat_above > 0:  # see REPEAT_ABOVE
+                refined, agreement, _ = self._fine_pass(*fine, refined, size)
+            if size > self._judged and agreement < self.keep_finer_above:
+                return a, confidence, True  # too fine for this pair (blur, little texture)
+            a = refined
+            if size == self._judged:
+                confidence = agreement
+        return a, confidence, False
+
+    def _zoom(self, fixed, moving, masks, estimates):
+        """ZOOM_ITERATIONS network passes on crops of views ZOOM times as large as the coarse ones
+        (the same network input size, so ZOOM times finer): each estimate's residual, ZOOM times
+        more precisely, all estimates in one batch. Each crop is centred on the overlap of both
+        fields of view under its estimate (ZOOM_AT_OVERLAP, as far as the view allows; at the
+        view's centre otherwise) and equalised (CLAHE) on its own, as the network's inputs are
+        in training. Takes and returns fixed_from_moving in image pixels, (K, 3, 3)."""
         (fixed_view, fixed_from), (moving_view, moving_from) = fixed, moving
         p = self.size
-        left = top = (fixed_view.shape[0] - p) // 2
-        if centre is not None:  # the crop centred on the overlap, inside the view
-            x, y = (fixed_from @ [*centre, 1.0])[:2]
-            left, top = (int(np.clip(round(c - p / 2), 0, fixed_view.shape[0] - p)) for c in (x, y))
-        crop_from_view = translation(-left, -top)
-        fixed_crop = equalise(fixed_view[top : top + p, left : left + p])
-        v = fixed_from @ a @ np.linalg.inv(moving_from)  # fixedview_from_movingview
+        crops, fixed_crops = [], []
+        for a in estimates:
+            left = top = (fixed_view.shape[0] - p) // 2
+            centre = _overlap_centre(masks, a) if self.zoom_at_overlap else None
+            if centre is not None:  # the crop centred on the overlap, inside the view
+                x, y = (fixed_from @ [*centre, 1.0])[:2]
+                left, top = (
+                    int(np.clip(round(c - p / 2), 0, fixed_view.shape[0] - p)) for c in (x, y)
+                )
+            crops.append(translation(-left, -top))
+            fixed_crops.append(equalise(fixed_view[top : top + p, left : left + p]))
+        crops = np.asarray(crops)  # crop_from_view of each estimate
+        v = fixed_from @ estimates @ np.linalg.inv(moving_from)  # fixedview_from_movingview
         for _ in range(self.zoom_iterations):
-            warped = cv2.warpAffine(moving_view, (crop_from_view @ v)[:2], (p, p))
-            update = self.predict(fixed_crop[None], equalise(warped)[None])[0]
-            v = np.linalg.inv(crop_from_view) @ update @ crop_from_view @ v
+            warped = [equalise(cv2.warpAffine(moving_view, m[:2], (p, p))) for m in crops @ v]
+            update = self.predict(np.stack(fixed_crops), np.stack(warped))
+            v = np.linalg.inv(crops) @ update @ crops @ v
         return np.linalg.inv(fixed_from) @ v @ moving_from
 
     def _fine_pass(self, pyramids, masks, a, size):

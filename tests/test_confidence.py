@@ -146,23 +146,49 @@ def test_phase_peak_is_high_on_vessels_and_low_on_background(registrar, retina):
 
 
 def test_retry_order_and_stop(model, retina, monkeypatch):
-    """Low confidence: the patches from the identity (no network), then the network from each
-    shifted start, until one is confident; the most confident result is kept."""
+    """Low confidence: the patches from the identity (no network), then the network from the
+    shifted starts (one batch), until one is confident; the most confident result is kept, and
+    only it gets the passes finer than CONFIDENCE_SIZE."""
     registrar = procedure.NetRegistrar(model)
+    network, calls, tried, finer = registrar._network, [], [], []
     scripted = iter([0.1, 0.2, 0.3, 0.9, 1.0])
-    calls = []
 
-    def attempt(coarse, fine, start, passes):
-        calls.append((start[:2, 2].tolist(), passes))
-        return np.diag([len(calls), len(calls), 1.0]), next(scripted)  # tells attempts apart
+    def spy(coarse, masks, starts, passes):
+        calls.append(([s[:2, 2].tolist() for s in starts], passes))
+        return network(coarse, masks, starts, passes)
 
-    monkeypatch.setattr(registrar, "_attempt", attempt)
+    def fine(fine, a, sizes):
+        if sizes == registrar._finer:
+            finer.append(a)
+            return a, 0.0, False
+        tried.append(a)
+        return np.diag([len(tried), len(tried), 1.0]), next(scripted), False  # tells them apart
+
+    monkeypatch.setattr(registrar, "_network", spy)
+    monkeypatch.setattr(registrar, "_fine", fine)
     result = registrar.register(grey(retina), grey(retina))
     step = procedure.RETRY_SHIFT * registrar.size
     passes = procedure.COARSE_ITERATIONS
-    assert calls == [([0, 0], passes), ([0, 0], 0), ([step, 0], passes), ([-step, 0], passes)]
-    assert result.confidence == 0.9
-    assert result.fixed_from_moving[0, 0] == pytest.approx(4.0)  # the fourth attempt's matrix
+    assert calls[:2] == [([[0, 0]], passes), ([[0, 0]], 0)]
+    assert calls[2][1] == passes and calls[2][0][:2] == [[step, 0], [-step, 0]]
+    assert len(calls) == 3 and len(calls[2][0]) == 8  # the turned starts were never needed
+    assert len(tried) == 4 and result.confidence == 0.9
+    assert len(finer) == 1 and finer[0][0, 0] == 4  # the fourth estimate's, refined once
+    assert result.fixed_from_moving[0, 0] == pytest.approx(4.0)
+
+
+def test_a_batch_of_starts_gives_the_estimates_of_one_start_at_a_time(model, retina):
+    """The retry runs the network from its starts in batches; without the zoomed passes (whose
+    crops move by a whole pixel where a centre rounds the other way) the estimates are those of
+    one start at a time, to a hundredth of a pixel."""
+    registrar = procedure.NetRegistrar(model, zoom_iterations=0)
+    pyramid = procedure.Pyramid(grey(retina).pixels)
+    coarse = ([pyramid.view(registrar.size)] * 2, [])
+    starts = registrar._starts[:3]
+    batch = registrar._network(coarse, None, starts, 1)
+    for start, estimate in zip(starts, batch):
+        one = registrar._network(coarse, None, [start], 1)[0]
+        np.testing.assert_allclose(one, estimate, atol=0.01)
 
 
 @pytest.mark.parametrize(
@@ -273,15 +299,21 @@ def test_the_retry_starts_are_shifted_turned_and_both(model, retina, monkeypatch
     """When nothing is confident: 8 shifted starts, 2 turned by +-RETRY_ROTATION about the
     view's centre, then the 16 combinations; the most confident result is kept."""
     registrar = procedure.NetRegistrar(model)
-    starts = []
+    network, starts, tried = registrar._network, [], []
 
-    def attempt(coarse, fine, start, passes):
-        starts.append(start)
-        return np.eye(3), 0.1 if len(starts) != 20 else 0.3
+    def spy(coarse, masks, batch, passes):
+        starts.extend(batch)
+        return network(coarse, masks, batch, passes)
 
-    monkeypatch.setattr(registrar, "_attempt", attempt)
+    def fine(fine, a, sizes):
+        tried.append(a)
+        return a, 0.1 if len(tried) != 20 else 0.3, False
+
+    monkeypatch.setattr(registrar, "_network", spy)
+    monkeypatch.setattr(registrar, "_fine", fine)
     result = registrar.register(grey(retina), grey(retina))
-    assert len(starts) == 2 + 8 + 2 + 16 and result.confidence == 0.3
+    assert len(starts) == 2 + 8 + 2 + 16 and len(tried) == len(starts) + 1  # + the finer passes
+    assert result.confidence == 0.3
     centre = np.array([(registrar.size - 1) / 2] * 2)
     for start, degrees in (
         (starts[10], procedure.RETRY_ROTATION),
