@@ -418,6 +418,7 @@ def write_moved_folder(args):
                     raise InputError(item.pair, item.problem)
                 images = []
                 for path in (item.fixed, item.moving):
+                    read_image(path)  # the checks of everywhere else: empty, truncated, black...
                     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # file pixels
                     image = cv2.imread(str(path), flags)
                     if image is None:

@@ -134,11 +134,16 @@ def test_write_moved_makes_p_pairs_from_the_s_pairs_of_a_fire_folder(tmp_path, p
     (source / "Images" / "S02_1.jpg").write_bytes((source / "Images" / "S01_1.jpg").read_bytes())
     (source / "Images" / "S02_2.jpg").write_bytes(b"not an image")  # reported, then skipped
     (source / "Ground Truth" / "control_points_S02_1_2.txt").write_text(rows)
+    whole = (source / "Images" / "S01_2.jpg").read_bytes()  # OpenCV alone would decode it
+    (source / "Images" / "S03_1.jpg").write_bytes(whole)
+    (source / "Images" / "S03_2.jpg").write_bytes(whole[: len(whole) // 2])
+    (source / "Ground Truth" / "control_points_S03_1_2.txt").write_text(rows)
     out = tmp_path / "moved"
     argv = ["--write-moved", str(out), "--fire", str(source), "--moves-per-pair", "2"]
     DatasetCreator.main(cli(vars(DatasetCreator), "", argv))
     printed = capsys.readouterr().out
-    assert "warning: skipped" in printed and "S02_2.jpg: cannot be decoded" in printed
+    assert "warning: skipped" in printed and "S02_2.jpg: not an image file" in printed
+    assert "S03_2.jpg: truncated JPEG" in printed
     pairs = read_fire(out)
     assert [p.pair for p in pairs] == ["P01", "P02"] and not any(p.problem for p in pairs)
     assert all(p.points.shape == (6, 4) for p in pairs)
