@@ -83,6 +83,8 @@ FLATTEN = True  # net: patches less their best-fitting plane before phase correl
 WEIGHTED = True  # net: patches weigh in the fit by the square of their correlation peak
 REPEAT_ABOVE = 0.125  # net: a pass that moves a patch more than this share of it is repeated once
 ZOOM_AT_OVERLAP = True  # net: the zoomed passes look where both fields of view overlap
+JITTER = 0.0  # net: px of noise added to each network translation (measures chance; 0 = none)
+JITTER_SEED = 0
 NET_SETTINGS = (  # the constants above that NetRegistrar takes, each as its lower-case keyword
     "COARSE_ITERATIONS",
     "ZOOM_ITERATIONS",
@@ -100,6 +102,8 @@ NET_SETTINGS = (  # the constants above that NetRegistrar takes, each as its low
     "WEIGHTED",
     "REPEAT_ABOVE",
     "ZOOM_AT_OVERLAP",
+    "JITTER",
+    "JITTER_SEED",
 )
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad

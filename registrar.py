@@ -101,6 +101,9 @@ RETRY_ROTATION = 20.0  # degrees: then starts turned both ways, alone and shifte
 ZOOM_AT_OVERLAP = True  # the zoomed passes look at the overlap of both fields of view, not at the
 # centre of the views
 MASK_SIZE = 192  # side of the views in which the fields of view are found
+JITTER = 0.0  # px: Gaussian noise of this size added to every translation the network predicts
+# (pixels of its input; 0 = none), from JITTER_SEED: how much a result owes to chance (README)
+JITTER_SEED = 0
 
 
 class Pyramid:
@@ -176,6 +179,8 @@ class NetRegistrar:
         weighted=WEIGHTED,
         repeat_above=REPEAT_ABOVE,
         zoom_at_overlap=ZOOM_AT_OVERLAP,
+        jitter=JITTER,
+        jitter_seed=JITTER_SEED,
     ):
         import tensorflow as tf
 
@@ -194,6 +199,7 @@ class NetRegistrar:
         self.keep_finer_above, self.flatten, self.weighted = keep_finer_above, flatten, weighted
         self.repeat_above = repeat_above
         self.zoom_at_overlap = zoom_at_overlap
+        self.jitter, self._jitter_rng = jitter, np.random.default_rng(jitter_seed)
         # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
         # in 8 directions, then turned by +-retry_rotation about its centre, then both, which
         # puts a larger motion back within the network's training range
@@ -251,7 +257,10 @@ class NetRegistrar:
         x = np.stack([fixed_patches, moving_patches], axis=-1).astype(np.float32)
         norm = np.zeros((len(x), 3, 3))
         norm[:, :2], norm[:, 2, 2] = self._predict(x).numpy(), 1.0
-        return self._pixels_from_norm @ norm @ self._norm_from_pixels
+        local = self._pixels_from_norm @ norm @ self._norm_from_pixels
+        if self.jitter:  # (JITTER) a measurement of chance, never the default
+            local[:, :2, 2] += self._jitter_rng.normal(0.0, self.jitter, (len(local), 2))
+        return local
 
     def phase(self, fixed_patches, moving_patches, flatten=False):
         """Closed-form alternative to ``predict`` for small residuals: each patch's translation by

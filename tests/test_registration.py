@@ -86,3 +86,22 @@ def test_network_script_reports_size_and_time(root):
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "parameters:" in done.stdout and "ms" in done.stdout
+
+
+def test_jitter_adds_reproducible_noise_to_the_network_and_none_by_default():
+    """--jitter (a measurement of chance): each translation the network predicts moves by noise of
+    about that size, the same for the same seed; the default adds none."""
+    from Network import load_network
+
+    model = load_network(MODEL)
+    rng = np.random.default_rng(0)
+    fixed, moving = rng.integers(0, 255, (2, 8, 64, 64), dtype=np.uint8)
+    plain = registrar.NetRegistrar(model).predict(fixed, moving)
+    again = registrar.NetRegistrar(model).predict(fixed, moving)
+    np.testing.assert_array_equal(plain, again)
+    noisy = [registrar.NetRegistrar(model, jitter=0.5, jitter_seed=s) for s in (1, 1, 2)]
+    moved = [r.predict(fixed, moving) - plain for r in noisy]
+    np.testing.assert_array_equal(moved[0], moved[1])  # the same seed: the same noise
+    assert not np.array_equal(moved[0], moved[2])
+    assert 0.2 < np.std(moved[0][:, :2, 2]) < 1.0  # about 0.5 px, translations only
+    np.testing.assert_allclose(moved[0][:, :2, :2], 0, atol=1e-6)
