@@ -102,7 +102,8 @@ ZOOM_AT_OVERLAP = True  # the zoomed passes look at the overlap of both fields o
 # centre of the views
 MASK_SIZE = 192  # side of the views in which the fields of view are found
 JITTER = 0.0  # px: Gaussian noise of this size added to every translation the network predicts
-# (pixels of its input; 0 = none), from JITTER_SEED: how much a result owes to chance (README)
+# (pixels of its input; 0 = none), one stream from JITTER_SEED over a whole run (the same pairs in
+# the same order get the same noise): how much a result owes to chance (README)
 JITTER_SEED = 0
 
 
