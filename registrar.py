@@ -183,8 +183,6 @@ class NetRegistrar:
         jitter=JITTER,
         jitter_seed=JITTER_SEED,
     ):
-        import tensorflow as tf
-
         if aggregate not in ("lmeds", "trimmed", "mean"):
             raise ValueError(f"aggregate must be lmeds, trimmed or mean, not {aggregate!r}")
         if refine not in ("net", "phase"):
@@ -225,16 +223,7 @@ class NetRegistrar:
         self._judged = judged[-1] if judged else None
         cut = len(self.fine_sizes) - self.fine_sizes[::-1].index(self._judged) if judged else 0
         self._judging, self._finer = self.fine_sizes[:cut], self.fine_sizes[cut:]
-        spec = tf.TensorSpec((None, self.size, self.size, 2), tf.float32)
-
-        def matrix(x):
-            return model(x, training=False)["matrix"]
-
-        # XLA-compiled (a third faster than without on 2 cores), and called as its concrete
-        # function, which skips tf.function's matching of arguments on every call (2.0 ms a call
-        # instead of 2.5 ms); the same matrices
-        self._predict = tf.function(matrix, input_signature=[spec], jit_compile=True)
-        self._predict = self._predict.get_concrete_function()
+        self._predict = _compiled(model)
         n = norm_from_pixels(self.size)
         self._norm_from_pixels, self._pixels_from_norm = n, np.linalg.inv(n)
         self.warm_up()
@@ -420,6 +409,23 @@ class NetRegistrar:
         moved = np.linalg.norm(centres @ (update[:2, :2] - np.eye(2)).T + update[:2, 2], axis=1)
         agreement = max(0, agree) / (max(len(corners), self.fine_patches / 4) - 3)
         return a, float(agreement), float(moved.max() / p)
+
+
+@functools.cache
+def _compiled(model):
+    """The model's matrix output as one XLA-compiled function (a third faster than without on 2
+    cores), called as its concrete function, which skips tf.function's matching of arguments on
+    every call (2.0 ms a call instead of 2.5 ms); the same matrices. One per model, shared by its
+    registrars: XLA compiles once per batch size (about 0.7 s each), not once per registrar."""
+    import tensorflow as tf
+
+    size = int(model.input_shape[1])
+    spec = tf.TensorSpec((None, size, size, 2), tf.float32)
+
+    def matrix(x):
+        return model(x, training=False)["matrix"]
+
+    return tf.function(matrix, input_signature=[spec], jit_compile=True).get_concrete_function()
 
 
 def _overlap_centre(masks, a):
