@@ -21,6 +21,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+# TensorFlow's C++ log below errors is for its developers (CPU features, the model converter's
+# steps): kept off the output of Testing.py, which imports TensorFlow after this module, unless
+# asked for (it is read when TensorFlow is first imported).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 MIN_SIDE = 32  # smaller images cannot be registered meaningfully
 MAX_DECODED_SIDE = 2048  # larger images are decoded at a reduced size (bounded memory)
 AUC_MAX_PX = 25.0  # FIRE protocol: success-rate curve from 0 to 25 px

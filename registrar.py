@@ -78,6 +78,7 @@ from common import (
     to3x3,
     translation,
 )
+from Network import matrix_function
 
 COARSE_ITERATIONS = 1
 ZOOM = 2  # then the network on 1/ZOOM of views ZOOM times as large ...
@@ -223,7 +224,7 @@ class NetRegistrar:
         self._judged = judged[-1] if judged else None
         cut = len(self.fine_sizes) - self.fine_sizes[::-1].index(self._judged) if judged else 0
         self._judging, self._finer = self.fine_sizes[:cut], self.fine_sizes[cut:]
-        self._predict = _compiled(model)
+        self._predict = matrix_function(model)
         n = norm_from_pixels(self.size)
         self._norm_from_pixels, self._pixels_from_norm = n, np.linalg.inv(n)
         self.warm_up()
@@ -238,15 +239,16 @@ class NetRegistrar:
         noise = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
         image = GreyImage(cv2.GaussianBlur(noise, (0, 0), 3) & disc, (512, 512), np.eye(3))
         self.register(image, image)
-        for batch in self._batches:  # XLA compiles once per batch size: the retry's too
+        for batch in self._batches:  # one interpreter per batch size: the retry's too
             blank = np.zeros((len(batch), self.size, self.size), np.uint8)
             self.predict(blank, blank)
 
     def predict(self, fixed_patches, moving_patches):
-        """(K, P, P) uint8 pairs -> (K, 3, 3) ``fixedpatch_from_movingpatch`` in patch pixels."""
+        """(K, P, P) uint8 pairs -> (K, 3, 3) ``fixedpatch_from_movingpatch`` in patch pixels (the
+        network run by LiteRT: Network.matrix_function)."""
         x = np.stack([fixed_patches, moving_patches], axis=-1).astype(np.float32)
         norm = np.zeros((len(x), 3, 3))
-        norm[:, :2], norm[:, 2, 2] = self._predict(x).numpy(), 1.0
+        norm[:, :2], norm[:, 2, 2] = self._predict(x), 1.0
         local = self._pixels_from_norm @ norm @ self._norm_from_pixels
         if self.jitter:  # (JITTER) a measurement of chance, never the default
             local[:, :2, 2] += self._jitter_rng.normal(0.0, self.jitter, (len(local), 2))
@@ -309,7 +311,7 @@ class NetRegistrar:
         """The estimates (fixed_from_moving, image pixels) that the fine passes start from, in
         order: the network's from the identity; then, for a retry, the identity itself and the
         network's from each of the shifted and turned starts (module docstring, step 5), whose
-        network passes run in two batches (26 inputs cost about a third of 26 single calls)."""
+        network passes run in two batches (in LiteRT, 26 inputs cost about 3/4 of 26 single calls)."""
         yield self._network(coarse, masks, [np.eye(3)], self.coarse_iterations)[0]
         if self.coarse_iterations:  # without the network there is nothing to retry
             yield self._network(coarse, masks, [np.eye(3)], 0)[0]
@@ -409,23 +411,6 @@ class NetRegistrar:
         moved = np.linalg.norm(centres @ (update[:2, :2] - np.eye(2)).T + update[:2, 2], axis=1)
         agreement = max(0, agree) / (max(len(corners), self.fine_patches / 4) - 3)
         return a, float(agreement), float(moved.max() / p)
-
-
-@functools.cache
-def _compiled(model):
-    """The model's matrix output as one XLA-compiled function (a third faster than without on 2
-    cores), called as its concrete function, which skips tf.function's matching of arguments on
-    every call (2.0 ms a call instead of 2.5 ms); the same matrices. One per model, shared by its
-    registrars: XLA compiles once per batch size (about 0.7 s each), not once per registrar."""
-    import tensorflow as tf
-
-    size = int(model.input_shape[1])
-    spec = tf.TensorSpec((None, size, size, 2), tf.float32)
-
-    def matrix(x):
-        return model(x, training=False)["matrix"]
-
-    return tf.function(matrix, input_signature=[spec], jit_compile=True).get_concrete_function()
 
 
 def _overlap_centre(masks, a):

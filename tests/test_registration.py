@@ -88,6 +88,39 @@ def test_network_script_reports_size_and_time(root):
     assert "parameters:" in done.stdout and "ms" in done.stdout
 
 
+def test_the_runtime_gives_the_models_own_matrices(monkeypatch):
+    """Registration runs the network with LiteRT (Network.matrix_function), or with TensorFlow's
+    own copy of it where LiteRT has no wheel: both give Keras' matrices, for one input and for a
+    batch (each batch size has its interpreter)."""
+    import Network
+
+    model = Network.load_network(MODEL)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 2)).astype(np.float32)
+    expected = model(x, training=False)["matrix"].numpy()
+    batches = (x[:1], x, x[:1])
+    litert = Network.matrix_function(model)
+    results = [litert(batch) for batch in batches]
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # as if not installed
+    with pytest.warns(UserWarning, match="deprecated"):  # TensorFlow's copy says so
+        fallback = Network.matrix_function.__wrapped__(model)
+        results += [fallback(batch) for batch in batches]
+    for batch, result in zip(batches * 2, results):
+        np.testing.assert_allclose(result, expected[: len(batch)], atol=1e-5)
+
+
+def test_the_runtime_gives_keras_numbers_where_litert_gives_nan():
+    """An untrained network on a blank input: LiteRT's L2 normalisation (no epsilon) gives NaN,
+    Keras the identity (its heads start there); matrix_function returns Keras' numbers for those
+    inputs, LiteRT's for the others."""
+    import Network
+
+    model = Network.build_network(64, "8,8,8,8,8", 16)
+    x = np.zeros((3, 64, 64, 2), np.float32)
+    x[1] = np.random.default_rng(0).uniform(0, 255, (64, 64, 2))
+    expected = model(x, training=False)["matrix"].numpy()
+    np.testing.assert_allclose(Network.matrix_function(model)(x), expected, atol=1e-5)
+
+
 def test_jitter_adds_reproducible_noise_to_the_network_and_none_by_default():
     """--jitter (a measurement of chance): each translation the network predicts moves by noise of
     about that size, the same for the same seed; the default adds none."""
