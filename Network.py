@@ -261,7 +261,7 @@ def load_network(path):
 def matrix_function(model):
     """The model's ``matrix`` output as a function of a float32 (B, S, S, 2) array, returning a
     (B, 2, 3) array, run by LiteRT (TensorFlow Lite's CPU runtime, XNNPACK kernels): what
-    registration calls. For one input on 2 cores it takes about 0.9 ms where Keras' own
+    registration calls. For one input on 2 cores it takes 0.6-0.9 ms where Keras' own
     ``tf.function`` takes 4-5 ms, XLA-compiled or not: at this size the cost of a TensorFlow call
     is most of it. The same matrices within 2e-6. Converted once per model (about 2 s), shared by
     all its callers; one interpreter per batch size, made when first asked for (5 ms). The

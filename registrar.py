@@ -311,7 +311,7 @@ class NetRegistrar:
         """The estimates (fixed_from_moving, image pixels) that the fine passes start from, in
         order: the network's from the identity; then, for a retry, the identity itself and the
         network's from each of the shifted and turned starts (module docstring, step 5), whose
-        network passes run in two batches (in LiteRT, 26 inputs cost about 3/4 of 26 single calls)."""
+        network passes run in two batches (26 inputs cost about 3/4 of 26 single calls)."""
         yield self._network(coarse, masks, [np.eye(3)], self.coarse_iterations)[0]
         if self.coarse_iterations:  # without the network there is nothing to retry
             yield self._network(coarse, masks, [np.eye(3)], 0)[0]
