@@ -264,8 +264,11 @@ def matrix_function(model):
     registration calls. For one input on 2 cores it takes 0.6-0.9 ms where Keras' own
     ``tf.function`` takes 4-5 ms, XLA-compiled or not: at this size the cost of a TensorFlow call
     is most of it. The same matrices within 2e-6. Converted once per model (about 2 s), shared by
-    all its callers; one interpreter per batch size, made when first asked for (5 ms). The
-    threads: TensorFlow's intra-op setting where one is set (Testing.py's THREADS), else all.
+    all its callers (one thread at a time: an interpreter is not shared between threads safely);
+    one interpreter per batch size, made when first asked for (5 ms). Its threads: TensorFlow's
+    intra-op setting where one is set (Testing.py's THREADS), else all; 1 thread instead of 2
+    made no difference to registration here (a median 1-2 ms either way on the dev sets, the
+    same matrices).
     The converter turns UnitNormalization into LiteRT's L2 normalisation, which lacks Keras'
     epsilon: a feature cell that is zero in every channel (an untrained network on a blank input)
     gives NaN there, where Keras gives a number; such inputs are run by Keras instead."""
