@@ -276,7 +276,7 @@ def matrix_function(model):
 
     try:
         from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # no LiteRT wheel for this platform: TensorFlow's own (deprecated) copy
+    except ImportError:  # no LiteRT wheel (Intel Macs): TensorFlow's own (deprecated) copy
         Interpreter = tf.lite.Interpreter
 
     size = int(model.input_shape[1])
