@@ -257,6 +257,16 @@ def load_network(path):
         raise InputError(path, f"cannot load the model ({type(e).__name__})") from None
 
 
+def keras_matrix_function(model):
+    """The model's ``matrix`` output as Keras' own ``tf.function`` of a float32 (B, S, S, 2)
+    tensor: what LiteRT is converted from, and what ``python Network.py`` times it against."""
+    import tensorflow as tf
+
+    size = int(model.input_shape[1])
+    spec = tf.TensorSpec((None, size, size, 2), tf.float32)
+    return tf.function(lambda x: model(x, training=False)["matrix"], input_signature=[spec])
+
+
 @functools.cache
 def matrix_function(model):
     """The model's ``matrix`` output as a function of a float32 (B, S, S, 2) array, returning a
@@ -279,9 +289,7 @@ def matrix_function(model):
     except ImportError:  # no LiteRT wheel (Intel Macs): TensorFlow's own (deprecated) copy
         Interpreter = tf.lite.Interpreter
 
-    size = int(model.input_shape[1])
-    spec = tf.TensorSpec((None, size, size, 2), tf.float32)
-    function = tf.function(lambda x: model(x, training=False)["matrix"], input_signature=[spec])
+    function = keras_matrix_function(model)
     holder = tf.Module()  # tracks the weights, for the converter to take them in as constants
     holder.weights = [v.value for v in model.variables]
     flat = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -326,11 +334,8 @@ def main(args):
         args.SIAMESE_STAGES,
     )
     print(f"parameters: {model.count_params():,}")
-    spec = tf.TensorSpec((None, args.INPUT_SIZE, args.INPUT_SIZE, 2), tf.float32)
     runtimes = {
-        "Keras (tf.function)": tf.function(
-            lambda x: model(x, training=False)["matrix"], input_signature=[spec]
-        ),
+        "Keras (tf.function)": keras_matrix_function(model),
         "LiteRT (registration)": matrix_function(model),
     }
     x = (
