@@ -226,18 +226,20 @@ def fit_affine(src, dst, weights=None):
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
     if len(src) < 3:
         raise ValueError(f"need at least 3 point pairs, got {len(src)}")
-    spread = np.linalg.svd(src - src.mean(axis=0), compute_uv=False)
+    spread = np.linalg.svd(src - np.add.reduce(src) / len(src), compute_uv=False)  # (mean: slow)
     if spread[1] <= 1e-6 * max(spread[0], 1e-12):
         raise ValueError("the points are collinear: they do not define an affine transform")
-    design, target = np.hstack([src, np.ones((len(src), 1))]), dst
+    design, target = np.ones((len(src), 3)), dst  # rows (x, y, 1)
+    design[:, :2] = src
     if weights is not None:  # weighted least squares: each row scaled by its weight's root
         root = np.sqrt(np.asarray(weights, np.float64))[:, None]
         design, target = design * root, target * root
     solution, *_ = np.linalg.lstsq(design, target, rcond=None)  # (3, 2): dst = design @ solution
     fit = solution.T
-    if not np.all(np.isfinite(fit)):
+    if not np.isfinite(fit).all():
         raise ValueError("points do not define an affine transform")
-    return fit, np.linalg.norm(apply_affine(fit, src) - dst, axis=1)
+    miss = src @ fit[:, :2].T + fit[:, 2] - dst
+    return fit, np.sqrt(np.add.reduce(miss * miss, axis=1))  # (np.linalg.norm: slow)
 
 
 def local_from_global(fixed_from_moving, left, top):

@@ -432,8 +432,8 @@ def _flatten(patches):
     one matrix product)."""
     k, p = patches.shape[:2]
     values = patches.reshape(k, -1).astype(np.float32)
-    basis = _plane_basis(p)
-    values -= (values @ (basis / np.einsum("ij,ij->i", basis, basis)[:, None]).T) @ basis
+    basis, projection = _plane_basis(p)
+    values -= (values @ projection) @ basis
     return values.reshape(k, p, p)
 
 
@@ -446,36 +446,45 @@ def _hanning(p):
 
 @functools.cache
 def _plane_basis(p):
-    """(3, P * P) float32: the centred x, y and 1 of a P x P patch, row by row."""
+    """(basis, projection): (3, P * P) float32, the centred x, y and 1 of a P x P patch, row by
+    row, and (P * P, 3) the matrix that gives a patch's coefficients on them."""
     ramp = np.arange(p, dtype=np.float32) - (p - 1) / 2
-    return np.stack([np.tile(ramp, p), np.repeat(ramp, p), np.ones(p * p, np.float32)])
+    basis = np.stack([np.tile(ramp, p), np.repeat(ramp, p), np.ones(p * p, np.float32)])
+    return basis, (basis / np.einsum("ij,ij->i", basis, basis)[:, None]).T
 
 
 def _patch_corners(masks, a, image_from_view, size, patch, count):
     """Top-left corners (left, top), in the fixed view of side ``size``, of up to ``count``
     patches on a regular grid whose four corners and centre lie in the fixed field of view and,
-    under ``a`` (fixed_from_moving, image pixels), in the moving one; the outermost first."""
+    under ``a`` (fixed_from_moving, image pixels), in the moving one; the outermost first.
+    Returns a (K, 2) int array."""
     (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
-    steps = max(2, int(np.ceil(np.sqrt(count))) + 1)
-    ticks = np.linspace(0, size - patch, steps + 1).round()
-    lefts, tops = (v.ravel() for v in np.meshgrid(ticks, ticks))
-    probes = np.array([[0, 0], [patch - 1, 0], [0, patch - 1], [patch - 1] * 2, [patch / 2] * 2])
-    points = np.stack([lefts, tops], -1)[:, None, :] + probes[None]  # (N, 5, 2) view pixels
-    inside = np.ones(len(lefts), bool)
+    corners, points, outward = _patch_grid(size, patch, count)
+    inside = np.ones(len(corners), bool)
     for mask, mask_from_view in (
         (fixed_mask, fixed_from @ image_from_view),
         (moving_mask, moving_from @ np.linalg.inv(a) @ image_from_view),
     ):
-        xy = points @ mask_from_view[:2, :2].T + mask_from_view[:2, 2]
-        x, y = np.round(xy[..., 0]).astype(int), np.round(xy[..., 1]).astype(int)
+        xy = np.rint(points @ mask_from_view[:2, :2].T + mask_from_view[:2, 2]).astype(int)
+        x, y = xy[..., 0], xy[..., 1]
         h, w = mask.shape
         ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
         ok[ok] = mask[y[ok], x[ok]]
         inside &= ok.all(axis=1)
-    centre = (size - patch) / 2
-    corners = [(int(x), int(y)) for x, y in zip(lefts[inside], tops[inside])]
-    order = np.argsort([abs(x - centre) + abs(y - centre) for x, y in corners])
-    return [corners[i] for i in order[::-1][:count]]  # prefer the outermost: best leverage
+    return corners[inside][np.argsort(outward[inside])[::-1][:count]]  # best leverage first
+
+
+@functools.cache
+def _patch_grid(size, patch, count):
+    """The candidates of _patch_corners in a view of side ``size``: (N, 2) int top-left corners on
+    a regular grid, (N, 5, 2) the points tested of each (its four corners and centre) and (N,)
+    how far each lies from the view's centre (|dx| + |dy|)."""
+    steps = max(2, int(np.ceil(np.sqrt(count))) + 1)
+    ticks = np.linspace(0, size - patch, steps + 1).round()
+    corners = np.stack([v.ravel() for v in np.meshgrid(ticks, ticks)], -1)
+    probes = np.array([[0, 0], [patch - 1, 0], [0, patch - 1], [patch - 1] * 2, [patch / 2] * 2])
+    outward = np.abs(corners - (size - patch) / 2).sum(axis=1)
+    return corners.astype(int), corners[:, None, :] + probes[None], outward
 
 
 def _fit_patch_motions(local, corners, size, aggregate, weights=None):
@@ -490,18 +499,22 @@ def _fit_patch_motions(local, corners, size, aggregate, weights=None):
     leaves more than max(1.5 px, 2.5 x the median residual) away; ``lmeds`` by least median of
     squares; ``mean`` averages the patches' full-image matrices (the prototype's aggregate).
     Only ``trimmed`` uses the weights."""
-    translations_only = np.abs(local[:, :2, :2] - np.eye(2)).max() <= 1e-8  # (np.allclose: slow)
-    ticks = [size / 2] if translations_only else [0, size / 2, size - 1]
-    grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2) in patch pixels
-    origin = np.asarray(corners, np.float64)[:, None, :]  # (K, 1, 2): each patch's (left, top)
-    moved = grid @ local[:, :2, :2].transpose(0, 2, 1) + local[:, None, :2, 2]  # (K, G, 2)
-    src = (grid + origin).reshape(-1, 2).astype(np.float32)
-    dst = (moved + origin).reshape(-1, 2).astype(np.float32)
+    origin = np.asarray(corners, np.float64)  # (K, 2): each patch's (left, top)
+    if np.abs(local[:, :2, :2] - np.eye(2)).max() <= 1e-8:  # translations (np.allclose: slow)
+        src = (origin + size / 2).astype(np.float32)  # the centres
+        dst = (size / 2 + local[:, :2, 2] + origin).astype(np.float32)
+    else:  # a 3x3 grid of points in each patch
+        ticks = [0, size / 2, size - 1]
+        grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2) in patch pixels
+        moved = grid @ local[:, :2, :2].transpose(0, 2, 1) + local[:, None, :2, 2]  # (K, G, 2)
+        src = (grid + origin[:, None]).reshape(-1, 2).astype(np.float32)
+        dst = (moved + origin[:, None]).reshape(-1, 2).astype(np.float32)
+        weights = None if weights is None else np.repeat(weights, len(grid))
     fit = None
     if aggregate == "lmeds" and len(corners) >= 3:
         fit, _ = cv2.estimateAffine2D(src, dst, method=cv2.LMEDS)
     if aggregate == "trimmed" and len(corners) >= 3:
-        fit = _trimmed_fit(src, dst, None if weights is None else np.repeat(weights, len(grid)))
+        fit = _trimmed_fit(src, dst, weights)
     if fit is None:  # the prototype's mean of the patches' full-image matrices
         fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
     fit = to3x3(fit)
