@@ -295,6 +295,31 @@ def test_the_overlap_centre_is_where_both_fields_of_view_see_the_retina():
     assert procedure._overlap_centre((mask, mask), far) is None
 
 
+def test_patches_lie_in_both_fields_of_view_outermost_first():
+    """_patch_corners: the four corners and the centre of every patch lie in the fixed field of
+    view and, carried by the estimate, in the moving one; no more patches than asked, the
+    outermost first; a moved field of view leaves fewer."""
+    size, patch = 384, 64  # a 384 px image, its own view (image_from_view = identity)
+    yy, xx = np.mgrid[:192, :192]
+    disc = (xx - 95.5) ** 2 + (yy - 95.5) ** 2 <= 90**2  # the field of view, in 192 px masks
+    masks = ((disc, np.diag([0.5, 0.5, 1.0])),) * 2  # mask_from_image
+    a = np.array([[1, 0, 60], [0, 1, -30], [0, 0, 1.0]])  # fixed_from_moving
+    probes = np.array([[0, 0], [patch - 1, 0], [0, patch - 1], [patch - 1] * 2, [patch / 2] * 2])
+    corners = procedure._patch_corners(masks, a, np.eye(3), size, patch, 20)
+    assert 10 <= len(corners) <= 20
+    for corner in corners:
+        fixed = probes + corner
+        for points in (fixed, apply_affine(np.linalg.inv(a), fixed)):
+            x, y = np.rint(points * 0.5).astype(int).T
+            assert (x >= 0).all() and (x < 192).all() and (y >= 0).all() and (y < 192).all()
+            assert disc[y, x].all()
+    outward = np.abs(np.asarray(corners) - (size - patch) / 2).sum(axis=1)
+    assert (np.diff(outward) <= 0).all()
+    everywhere = procedure._patch_corners(masks, np.eye(3), np.eye(3), size, patch, 100)
+    moved = procedure._patch_corners(masks, a, np.eye(3), size, patch, 100)
+    assert len(moved) < len(everywhere)
+
+
 def test_the_retry_starts_are_shifted_turned_and_both(model, retina, monkeypatch):
     """When nothing is confident: 8 shifted starts, 2 turned by +-RETRY_ROTATION about the
     view's centre, then the 16 combinations; the most confident result is kept."""
