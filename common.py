@@ -209,7 +209,7 @@ def translation(dx, dy):
 
 def apply_affine(a, points):
     """Map (N, 2) points (x, y) by the 2x3 or 3x3 affine ``a``."""
-    a = to3x3(a)
+    a = np.asarray(a, np.float64)  # its first two rows are all that is used: no 3x3 copy
     return np.asarray(points, np.float64) @ a[:2, :2].T + a[:2, 2]
 
 
@@ -238,7 +238,7 @@ def fit_affine(src, dst, weights=None):
     fit = solution.T
     if not np.isfinite(fit).all():
         raise ValueError("points do not define an affine transform")
-    miss = src @ fit[:, :2].T + fit[:, 2] - dst
+    miss = apply_affine(fit, src) - dst
     return fit, np.sqrt(np.add.reduce(miss * miss, axis=1))  # (np.linalg.norm: slow)
 
 

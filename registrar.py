@@ -66,6 +66,7 @@ import numpy as np
 
 from common import (
     Registration,
+    apply_affine,
     equalise,
     fit_affine,
     fov_mask,
@@ -518,7 +519,7 @@ def _fit_patch_motions(local, corners, size, aggregate, weights=None):
     if fit is None:  # the prototype's mean of the patches' full-image matrices
         fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
     fit = to3x3(fit)
-    miss = np.linalg.norm(src @ fit[:2, :2].T + fit[:2, 2] - dst, axis=1)
+    miss = np.linalg.norm(apply_affine(fit, src) - dst, axis=1)
     return fit, miss.reshape(len(corners), -1).max(axis=1)
 
 
