@@ -29,10 +29,13 @@ import functools
 import os
 import time
 
-import keras
-import numpy as np
+# TensorFlow's start-up log off (common.py says why): set before Keras first imports TensorFlow
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common import InputError, cli, exit_on_input_error
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import InputError, cli, exit_on_input_error  # noqa: E402
 
 # Architecture (the defaults of build_network)
 INPUT_SIZE = 64  # patch side in pixels (the coarse pass sees the whole image at this size)

@@ -13,17 +13,21 @@ run folder RUN_DIR holds the backup, best checkpoint, history.csv and loss.png.
 """
 
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import keras
-import numpy as np
+# TensorFlow's start-up log off (common.py says why): set before Keras first imports TensorFlow
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import Network
-from common import InputError, cli, exit_on_input_error, write_atomic, write_json
-from Network import CornerLoss, build_network
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import Network  # noqa: E402
+from common import InputError, cli, exit_on_input_error, write_atomic, write_json  # noqa: E402
+from Network import CornerLoss, build_network  # noqa: E402
 
 DATA = "data/patches"
 OUT = "models/fundusreg.keras"

@@ -764,6 +764,24 @@ def test_trainer_with_missing_data_exits_2(tmp_path):
     assert_input_error(proc, tmp_path / "nowhere", "no manifest")
 
 
+@pytest.mark.parametrize("script", ["NetworkTrainer.py", "Testing.py"])
+def test_a_bad_input_is_one_line_in_a_shell_that_does_not_quiet_tensorflow(tmp_path, script):
+    """The scripts that load TensorFlow keep its start-up log (CPU features, absl) off stderr by
+    themselves: in a user's shell, without TF_CPP_MIN_LOG_LEVEL, a bad input is still ONE line
+    (found after TensorFlow has loaded: missing training data, a model that is not one)."""
+    bad, problem = tmp_path / "nowhere", "no manifest"
+    args = ["--data", bad, "--out", tmp_path / "m.keras", "--run-dir", tmp_path]
+    if script == "Testing.py":
+        bad, problem = tmp_path / "junk.keras", "not a keras model"
+        bad.write_bytes(b"not a zip archive")
+        args = ["--data", "data/sample", "--model", bad, "--out", tmp_path]
+    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, script, *map(str, args)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert_input_error(proc, bad, problem)
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+
+
 def test_trainer_refuses_a_manifest_whose_shard_is_missing(tmp_path):
     from NetworkTrainer import read_manifest
 
