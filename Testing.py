@@ -71,6 +71,7 @@ COARSE_ITERATIONS = 1  # net: the registration procedure's settings (registrar.p
 ZOOM_ITERATIONS = 2
 FINE_SIZES = "192,384,768"
 FINE_PATCHES = 40
+DENSE_BELOW = 0.5  # net: where fewer than this share of FINE_PATCHES fit, a grid twice as dense
 FINE_PATCH = 64
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
@@ -90,6 +91,7 @@ NET_SETTINGS = (  # the constants above that NetRegistrar takes, each as its low
     "ZOOM_ITERATIONS",
     "FINE_SIZES",
     "FINE_PATCHES",
+    "DENSE_BELOW",
     "FINE_PATCH",
     "REFINE",
     "AGGREGATE",

@@ -11,7 +11,9 @@ fine:
        the views' centre otherwise): after a motion of a third of the side, the central crops
        share little retina.
     3. fine, one pass per entry of FINE_SIZES: at a square view of that side, FINE_PATCHES patches
-       of FINE_PATCH px where both fields of view overlap (under the current estimate) measure
+       of FINE_PATCH px where both fields of view overlap (under the current estimate), on a
+       regular grid, made about twice as dense where fewer than DENSE_BELOW of them fit (a small
+       overlap, or a wide image's field of view in a square view), measure
        their residual translation by phase correlation (REFINE = phase: OpenCV, closed form,
        sub-pixel; each patch less its best-fitting plane first, FLATTEN) or by the network
        (REFINE = net); each is taken back to view pixels (the prototype's ``t_global`` formula)
@@ -31,10 +33,11 @@ fine:
     4. confidence: the share of patches whose motion agrees with the fitted affine within
        AGREE_PX px, in the pass at CONFIDENCE_SIZE (the last one at most that size), less the 3
        that any affine fits, and out of at least a quarter of FINE_PATCHES (a result that only
-       a handful of patches support is not trusted; a 40 % overlap holds about 8 at 384 px, and
-       is). Right, the patches tell one story; wrong, they measure unrelated shifts and few
-       agree. Not in a larger pass: there a 64 px patch covers too little of the retina, many see
-       no vessel, measure no shift, and so agree with a wrong estimate as well as with a right one.
+       a handful of patches support is not trusted; at 384 px a 40 % overlap holds 9 patches of
+       the regular grid, 29 of the denser one). Right, the patches tell one story; wrong, they
+       measure unrelated shifts and few agree. Not in a larger pass: there a 64 px patch covers
+       too little of the retina, many see no vessel, measure no shift, and so agree with a wrong
+       estimate as well as with a right one.
     5. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
        most confident: first the fine stage from the identity (the network's guess can be wrong
        where the images differ most in appearance, and a small motion is within the patches'
@@ -86,6 +89,7 @@ ZOOM = 2  # then the network on 1/ZOOM of views ZOOM times as large ...
 ZOOM_ITERATIONS = 2  # ... this many times (0 = none)
 FINE_SIZES = "192,384,768"  # one fine pass per entry: side of its square view ("" = coarse only)
 FINE_PATCHES = 40
+DENSE_BELOW = 0.5  # where fewer than this share of FINE_PATCHES fit, a denser grid (0 = never)
 FINE_PATCH = 64  # side of the fine patches with REFINE = phase (with net: the network's input)
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
@@ -170,6 +174,7 @@ class NetRegistrar:
         zoom_iterations=ZOOM_ITERATIONS,
         fine_sizes=FINE_SIZES,
         fine_patches=FINE_PATCHES,
+        dense_below=DENSE_BELOW,
         fine_patch=FINE_PATCH,
         aggregate=AGGREGATE,
         refine=REFINE,
@@ -193,7 +198,7 @@ class NetRegistrar:
         self.size = int(model.input_shape[1])
         self.coarse_iterations, self.zoom_iterations = coarse_iterations, zoom_iterations
         self.fine_sizes = [int(s) for s in str(fine_sizes).split(",") if s.strip() and int(s)]
-        self.fine_patches = fine_patches
+        self.fine_patches, self.dense_below = fine_patches, dense_below
         self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
         self.aggregate, self.refine = aggregate, refine
         self.agree_px, self.retry_below = agree_px, retry_below
@@ -387,7 +392,9 @@ class NetRegistrar:
         p = min(self.fine_patch, size // 2)
         view_from_image = square_frame(pyramids[0].shape, size)
         image_from_view = np.linalg.inv(view_from_image)
-        corners = _patch_corners(masks, a, image_from_view, size, p, self.fine_patches)
+        corners = _patch_corners(
+            masks, a, image_from_view, size, p, self.fine_patches, self.dense_below
+        )
         if len(corners) < 3:  # (almost) no overlap at this scale: nothing to measure, nor trust
             return a, 0.0, 0.0
         image_from_patch = np.tile(image_from_view, (len(corners), 1, 1))  # @ translation(x, y)
@@ -454,13 +461,27 @@ def _plane_basis(p):
     return basis, (basis / np.einsum("ij,ij->i", basis, basis)[:, None]).T
 
 
-def _patch_corners(masks, a, image_from_view, size, patch, count):
+def _patch_corners(masks, a, image_from_view, size, patch, count, dense_below=DENSE_BELOW):
     """Top-left corners (left, top), in the fixed view of side ``size``, of up to ``count``
     patches on a regular grid whose four corners and centre lie in the fixed field of view and,
     under ``a`` (fixed_from_moving, image pixels), in the moving one; the outermost first.
-    Returns a (K, 2) int array."""
+    Where fewer than ``dense_below`` of ``count`` fit (a small overlap; a field of view that
+    fills little of the square view, as a 1504 x 1000 image's does), the grid is made about
+    twice as dense, its patches overlapping: a small overlap is measured by as many patches as a
+    large one, and a right estimate gets as many patches to agree with it (the confidence's
+    floor, module docstring). Returns a (K, 2) int array."""
+    found = _corners_inside(masks, a, image_from_view, _patch_grid(size, patch, count), count)
+    if len(found) < dense_below * count:
+        dense = _patch_grid(size, patch, 4 * count)  # about twice as many per row and column
+        denser = _corners_inside(masks, a, image_from_view, dense, count)
+        found = denser if len(denser) > len(found) else found
+    return found
+
+
+def _corners_inside(masks, a, image_from_view, grid, count):
+    """The ``count`` outermost of a _patch_grid's candidates inside both fields of view."""
     (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
-    corners, points, outward = _patch_grid(size, patch, count)
+    corners, points, outward = grid
     inside = np.ones(len(corners), bool)
     for mask, mask_from_view in (
         (fixed_mask, fixed_from @ image_from_view),

@@ -320,6 +320,32 @@ def test_patches_lie_in_both_fields_of_view_outermost_first():
     assert len(moved) < len(everywhere)
 
 
+def test_a_small_overlap_is_measured_by_a_denser_grid():
+    """Where fewer than DENSE_BELOW of the patches asked for fit the grid, it is made about twice
+    as dense: a 40 % overlap at 384 px holds 9 patches of the regular grid and 29 of the denser
+    one, every one inside both fields of view; a large overlap keeps its regular grid."""
+    size, patch = 384, 64
+    yy, xx = np.mgrid[:192, :192]
+    disc = (xx - 95.5) ** 2 + (yy - 95.5) ** 2 <= 90**2
+    masks = ((disc, np.diag([0.5, 0.5, 1.0])),) * 2
+    apart = np.array([[1, 0, 180], [0, 1, 0], [0, 0, 1.0]])  # discs 90 mask px apart: 39 % overlap
+    regular = procedure._patch_corners(masks, apart, np.eye(3), size, patch, 40, dense_below=0)
+    denser = procedure._patch_corners(masks, apart, np.eye(3), size, patch, 40)
+    assert procedure.DENSE_BELOW == 0.5 and len(regular) == 9 and len(denser) == 29
+    probes = np.array([[0, 0], [patch - 1, 0], [0, patch - 1], [patch - 1] * 2, [patch / 2] * 2])
+    for corner in denser:
+        for points in (probes + corner, apply_affine(np.linalg.inv(apart), probes + corner)):
+            x, y = np.rint(points * 0.5).astype(int).T
+            assert disc[y, x].all()
+    assert len(np.unique(np.diff(np.unique(denser[:, 1])))) <= 2  # still a regular grid
+    assert np.diff(np.unique(denser[:, 1])).max() < np.diff(np.unique(regular[:, 1])).min()
+    near = np.array([[1, 0, 40], [0, 1, 0], [0, 0, 1.0]])
+    np.testing.assert_array_equal(
+        procedure._patch_corners(masks, near, np.eye(3), size, patch, 40),
+        procedure._patch_corners(masks, near, np.eye(3), size, patch, 40, dense_below=0),
+    )
+
+
 def test_the_retry_starts_are_shifted_turned_and_both(model, retina, monkeypatch):
     """When nothing is confident: 8 shifted starts, 2 turned by +-RETRY_ROTATION about the
     view's centre, then the 16 combinations; the most confident result is kept."""
