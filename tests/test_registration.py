@@ -17,8 +17,8 @@ from common import cli
 
 MODEL = "models/fundusreg.keras"
 # Bounds on the FIRE error (px, 768-px images) of the generated pairs with the shipped model: each
-# pair, and their median. Measured: 0.53 to 0.99 px (median 0.63; 0.51 to 1.05 px, median 0.65,
-# with --zoom-at-overlap false; 0.55 to 1.38 px, median 0.70, also with --weighted false; SIFT
+# pair, and their median. Measured: 0.53 to 1.03 px (median 0.61; 0.48 to 0.84 px, median 0.61,
+# with --zoom-at-overlap false; 0.41 to 1.53 px, median 0.68, also with --weighted false; SIFT
 # fails P01 and has a median of 0.98 px). The pairs carry a smooth non-affine distortion, so even
 # the best affine leaves some error.
 MAX_ERROR_PX = 3.0
