@@ -71,7 +71,7 @@ COARSE_ITERATIONS = 1  # net: the registration procedure's settings (registrar.p
 ZOOM_ITERATIONS = 2
 FINE_SIZES = "192,384,768"
 FINE_PATCHES = 40
-DENSE_BELOW = 0.5  # net: where fewer than this share of FINE_PATCHES fit, a grid twice as dense
+DENSE_BELOW = 0.5  # net: where fewer than this share of FINE_PATCHES fit, a denser grid (0 = never)
 FINE_PATCH = 64
 REFINE = "phase"  # fine stage: net (the network on patches) or phase (phase correlation)
 AGGREGATE = "trimmed"  # how patch estimates combine: trimmed or lmeds (robust fits), mean
