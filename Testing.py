@@ -13,7 +13,10 @@ Outputs of ``--data`` (per method; in OUT/<method>/ when several are given):
     per_pair.csv   pair, category, error_px, seconds, m00..m12, confidence, inaccurate, reason
                    (the matrix is fixed_from_moving: moving-image pixels -> fixed-image pixels of
                    the files as given; empty cells where registration failed). Rows are written as
-                   pairs finish; a rerun with RESUME keeps the rows already there.
+                   pairs finish; a rerun with RESUME keeps the rows already there when they
+                   were made with the same settings (settings.json: data, method, threads, the
+                   code's and the model's content, the procedure's settings), and redoes them
+                   otherwise.
     summary.json   n_pairs, mAUC, AUC_S, AUC_P, AUC_A, median_error_px, failed, inaccurate, bad,
                    low_confidence, bad_and_low_confidence, median_seconds, p90_seconds, threads.
                    AUC = area under the success-rate curve (share of pairs with error <= t) for
@@ -35,6 +38,7 @@ the confidence, the milliseconds and the folder with its files.
 """
 
 import csv
+import hashlib
 import json
 import math
 import time
@@ -355,6 +359,14 @@ def confidence_figure(path, rows, summary, low_confidence, bad_px):
 # A FIRE-layout folder
 
 
+def read_json(path):
+    """A JSON file's content, or None where it is missing or unreadable (a torn write)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_rows(path):
     """Complete rows of an existing per_pair.csv (a torn last line is dropped)."""
     if not Path(path).exists():
@@ -429,13 +441,37 @@ def summarise(rows, threads, low_confidence=LOW_CONFIDENCE, bad_px=BAD_PX):
     }
 
 
-def evaluate_folder(pairs, label, register, out, args):
-    """Run one method over the pairs; write per_pair.csv, summary.json and figures."""
+def run_settings(name, args):
+    """What a method's per_pair.csv rows depend on: the data folder, the method, the threads (the
+    times), the code that runs it (its source files, by content), and for the network its model
+    file (by content) and the procedure's settings. Kept beside the rows (settings.json) so that
+    RESUME keeps only rows made the same way."""
+    settings = {"data": str(Path(args.DATA).resolve()), "method": name, "threads": args.THREADS}
+    sources = ["Testing.py", "common.py"]
+    sources += ["classical.py"] if name in CLASSICAL else ["registrar.py", "Network.py"]
+    code = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in sources))
+    settings["code_sha256"] = code.hexdigest()
+    if name not in CLASSICAL:
+        model = Path(args.MODEL if name == "net" else name)
+        settings["model_sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
+        settings.update({key.lower(): getattr(args, key) for key in NET_SETTINGS})
+    return settings
+
+
+def evaluate_folder(pairs, label, register, out, args, settings):
+    """Run one method over the pairs; write per_pair.csv, summary.json and figures. With RESUME,
+    the rows already in per_pair.csv are kept if ``settings`` (run_settings) are those they were
+    made with, and redone otherwise (other settings, a rerun after a change of flags)."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "per_pair.csv"
+    csv_path, settings_path = out / "per_pair.csv", out / "settings.json"
     done = read_rows(csv_path) if args.RESUME else {}
+    if done and (read_json(settings_path) or {}) != json.loads(json.dumps(settings)):
+        tqdm.write(f"{label}: the {len(done)} rows in {csv_path} were made with other settings "
+                   "(settings.json), so they are redone")  # fmt: skip
+        done = {}
+    write_json(settings_path, settings)
     rows = [done[p.pair] for p in pairs if p.pair in done]
     with open(csv_path, "w", newline="") as f:  # rewrite the kept rows, then append as we go
         writer = csv.DictWriter(f, COLUMNS)
@@ -514,7 +550,8 @@ def run_folder(args, methods):
     for name in methods:
         label, register = make_method(name, args)
         folder = out if len(methods) == 1 else out / label
-        summary, errors[label] = evaluate_folder(pairs, label, register, folder, args)
+        settings = run_settings(name, args)
+        summary, errors[label] = evaluate_folder(pairs, label, register, folder, args, settings)
         summaries.append(summary)
         num = {k: "n/a" if v is None else f"{v:.3f}" for k, v in summary.items() if k != "method"}
         print(
@@ -523,7 +560,8 @@ def run_folder(args, methods):
             f"{summary['low_confidence']} low confidence, "
             f"median {num['median_seconds']} s per pair"
         )
-        names = ["summary.json", "per_pair.csv", "success_rate.png", "confidence.png"]
+        names = ["summary.json", "per_pair.csv", "settings.json", "success_rate.png"]
+        names.append("confidence.png")
         if args.FIGURES:
             count = len(list((folder / "figures").glob("*.png")))
             names.append(f"figures/ ({count} pair{'s' * (count != 1)})")

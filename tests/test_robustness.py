@@ -434,6 +434,55 @@ def test_testing_resume_keeps_complete_rows_only(tmp_path):
     assert set(rows) == {"S01", "S02"} and rows["S02"]["reason"] == "x: empty"
 
 
+def test_testing_resume_redoes_rows_made_with_other_settings(tmp_path):
+    """RESUME keeps the rows of a run made the same way, and redoes those made another way (here
+    with other threads: other times), saying so; settings.json records what they depend on."""
+    out = tmp_path / "out"
+    args = ["--data", "data/sample", "--method", "orb", "--out", out, "--figures", "false"]
+    assert run("Testing.py", *args).returncode == 0
+    rows = read_csv(out / "per_pair.csv")
+    rows["S01"]["error_px"] = "999"  # a row that shows whether it was kept
+    with open(out / "per_pair.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows["S01"]))
+        writer.writeheader()
+        writer.writerows(rows.values())
+    same = run("Testing.py", *args)
+    assert same.returncode == 0 and "redone" not in same.stdout + same.stderr
+    assert read_csv(out / "per_pair.csv")["S01"]["error_px"] == "999"
+    other = run("Testing.py", *args, "--threads", "1")
+    assert other.returncode == 0 and "6 rows" in other.stdout and "redone" in other.stdout
+    assert read_csv(out / "per_pair.csv")["S01"]["error_px"] != "999"
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["threads"] == 1 and settings["method"] == "orb"
+
+
+def test_the_settings_of_a_net_run_name_its_model_code_and_procedure(tmp_path, monkeypatch):
+    """What RESUME compares for the network: the procedure's settings, the model's bytes (a
+    retrained model saved under the same name is another model) and the code's."""
+    import Testing
+    from common import cli
+
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"one model")
+    code = tmp_path / "code"  # a copy of the sources, to change one
+    code.mkdir()
+    for name in ("Testing.py", "common.py", "registrar.py", "Network.py", "classical.py"):
+        (code / name).write_bytes((ROOT / name).read_bytes())
+    monkeypatch.setattr(Testing, "__file__", str(code / "Testing.py"))
+
+    def settings(*flags):
+        return Testing.run_settings("net", cli(vars(Testing), "", ["--model", str(model), *flags]))
+
+    first = settings()
+    assert first["dense_below"] == Testing.DENSE_BELOW and first == settings()
+    assert first != settings("--dense-below", "0")
+    (code / "registrar.py").write_bytes((code / "registrar.py").read_bytes() + b"# changed")
+    assert first != settings()
+    (code / "registrar.py").write_bytes((ROOT / "registrar.py").read_bytes())
+    model.write_bytes(b"another model")
+    assert first != settings()
+
+
 # ----------------------------------------------------------------------------------------------
 # Testing.py --data: one batch with every kind of bad pair, sift and the net side by side
 
