@@ -560,8 +560,13 @@ def run_folder(args, methods):
             f"{summary['low_confidence']} low confidence, "
             f"median {num['median_seconds']} s per pair"
         )
-        names = ["summary.json", "per_pair.csv", "settings.json", "success_rate.png"]
-        names.append("confidence.png")
+        names = [
+            "summary.json",
+            "per_pair.csv",
+            "settings.json",
+            "success_rate.png",
+            "confidence.png",
+        ]
         if args.FIGURES:
             count = len(list((folder / "figures").glob("*.png")))
             names.append(f"figures/ ({count} pair{'s' * (count != 1)})")

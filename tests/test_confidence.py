@@ -295,24 +295,34 @@ def test_the_overlap_centre_is_where_both_fields_of_view_see_the_retina():
     assert procedure._overlap_centre((mask, mask), far) is None
 
 
-def test_patches_lie_in_both_fields_of_view_outermost_first():
-    """_patch_corners: the four corners and the centre of every patch lie in the fixed field of
-    view and, carried by the estimate, in the moving one; no more patches than asked, the
-    outermost first; a moved field of view leaves fewer."""
-    size, patch = 384, 64  # a 384 px image, its own view (image_from_view = identity)
-    yy, xx = np.mgrid[:192, :192]
-    disc = (xx - 95.5) ** 2 + (yy - 95.5) ** 2 <= 90**2  # the field of view, in 192 px masks
-    masks = ((disc, np.diag([0.5, 0.5, 1.0])),) * 2  # mask_from_image
-    a = np.array([[1, 0, 60], [0, 1, -30], [0, 0, 1.0]])  # fixed_from_moving
-    probes = np.array([[0, 0], [patch - 1, 0], [0, patch - 1], [patch - 1] * 2, [patch / 2] * 2])
-    corners = procedure._patch_corners(masks, a, np.eye(3), size, patch, 20)
-    assert 10 <= len(corners) <= 20
+# The fields of view of the _patch_corners tests: a 384 px image, its own view (image_from_view =
+# identity), and a disc of radius 90 px in its 192 px mask (mask_from_image halves).
+PATCH_VIEW, PATCH = 384, 64
+DISC = np.hypot(*(np.mgrid[:192, :192] - 95.5)) <= 90
+DISC_MASKS = ((DISC, np.diag([0.5, 0.5, 1.0])),) * 2
+
+
+def assert_patches_inside_both_fields_of_view(corners, a):
+    """The four corners and the centre of every patch lie in the fixed field of view and,
+    carried by ``a`` (fixed_from_moving), in the moving one."""
+    probes = np.array([[0, 0], [PATCH - 1, 0], [0, PATCH - 1], [PATCH - 1] * 2, [PATCH / 2] * 2])
     for corner in corners:
         fixed = probes + corner
         for points in (fixed, apply_affine(np.linalg.inv(a), fixed)):
             x, y = np.rint(points * 0.5).astype(int).T
             assert (x >= 0).all() and (x < 192).all() and (y >= 0).all() and (y < 192).all()
-            assert disc[y, x].all()
+            assert DISC[y, x].all()
+
+
+def test_patches_lie_in_both_fields_of_view_outermost_first():
+    """_patch_corners: the four corners and the centre of every patch lie in the fixed field of
+    view and, carried by the estimate, in the moving one; no more patches than asked, the
+    outermost first; a moved field of view leaves fewer."""
+    size, patch, masks = PATCH_VIEW, PATCH, DISC_MASKS
+    a = np.array([[1, 0, 60], [0, 1, -30], [0, 0, 1.0]])  # fixed_from_moving
+    corners = procedure._patch_corners(masks, a, np.eye(3), size, patch, 20)
+    assert 10 <= len(corners) <= 20
+    assert_patches_inside_both_fields_of_view(corners, a)
     outward = np.abs(np.asarray(corners) - (size - patch) / 2).sum(axis=1)
     assert (np.diff(outward) <= 0).all()
     everywhere = procedure._patch_corners(masks, np.eye(3), np.eye(3), size, patch, 100)
@@ -324,19 +334,12 @@ def test_a_small_overlap_is_measured_by_a_denser_grid():
     """Where fewer than DENSE_BELOW of the patches asked for fit the grid, it is made about twice
     as dense: a 40 % overlap at 384 px holds 9 patches of the regular grid and 29 of the denser
     one, every one inside both fields of view; a large overlap keeps its regular grid."""
-    size, patch = 384, 64
-    yy, xx = np.mgrid[:192, :192]
-    disc = (xx - 95.5) ** 2 + (yy - 95.5) ** 2 <= 90**2
-    masks = ((disc, np.diag([0.5, 0.5, 1.0])),) * 2
+    size, patch, masks = PATCH_VIEW, PATCH, DISC_MASKS
     apart = np.array([[1, 0, 180], [0, 1, 0], [0, 0, 1.0]])  # discs 90 mask px apart: 39 % overlap
     regular = procedure._patch_corners(masks, apart, np.eye(3), size, patch, 40, dense_below=0)
     denser = procedure._patch_corners(masks, apart, np.eye(3), size, patch, 40)
     assert procedure.DENSE_BELOW == 0.5 and len(regular) == 9 and len(denser) == 29
-    probes = np.array([[0, 0], [patch - 1, 0], [0, patch - 1], [patch - 1] * 2, [patch / 2] * 2])
-    for corner in denser:
-        for points in (probes + corner, apply_affine(np.linalg.inv(apart), probes + corner)):
-            x, y = np.rint(points * 0.5).astype(int).T
-            assert disc[y, x].all()
+    assert_patches_inside_both_fields_of_view(denser, apart)
     assert len(np.unique(np.diff(np.unique(denser[:, 1])))) <= 2  # still a regular grid
     assert np.diff(np.unique(denser[:, 1])).max() < np.diff(np.unique(regular[:, 1])).min()
     near = np.array([[1, 0, 40], [0, 1, 0], [0, 0, 1.0]])

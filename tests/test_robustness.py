@@ -40,11 +40,11 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 # Helpers
 
 
-def run(script, *args, timeout=300):
+def run(script, *args, timeout=300, env=ENV):
     """Run a script of the repository as a user would; returns the CompletedProcess."""
     command = [sys.executable, script, *map(str, args)]
     return subprocess.run(
-        command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -824,9 +824,7 @@ def test_a_bad_input_is_one_line_in_a_shell_that_does_not_quiet_tensorflow(tmp_p
         bad, problem = tmp_path / "junk.keras", "not a keras model"
         bad.write_bytes(b"not a zip archive")
         args = ["--data", "data/sample", "--model", bad, "--out", tmp_path]
-    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    command = [sys.executable, script, *map(str, args)]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run(script, *args, env={k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
     assert_input_error(proc, bad, problem)
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
 
