@@ -2,6 +2,7 @@
 right frames."""
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -94,7 +95,8 @@ def test_a_moved_real_pair_keeps_its_control_points_true(photo, seed):
     """--write-moved: the crops of a pair moved apart, with their control points taken along.
     Here the 'pair' is one photograph and a copy rotated by 3 degrees: the control points' affine
     then carries the moving crop onto the fixed one, the motion is as large as asked, and the
-    same round aperture lies over both crops."""
+    same round aperture lies over both crops, inside which inside_both_apertures finds the points
+    that both crops see."""
     _, bgr, _ = photo
     rotate = np.vstack([cv2.getRotationMatrix2D((350, 350), 3, 1.0), [0, 0, 1]])  # moving <- fixed
     moving = cv2.warpAffine(bgr, rotate[:2], (700, 700))
@@ -119,6 +121,18 @@ def test_a_moved_real_pair_keeps_its_control_points_true(photo, seed):
     assert args.MAX_SHIFT / 2 - 0.02 <= shift <= args.MAX_SHIFT + 0.02
     apertures = [img.max(axis=-1) > 0 for img in (fixed_crop, moving_crop)]
     assert np.count_nonzero(apertures[0] != apertures[1]) < 0.01 * side * side  # it stays put
+    inside = DatasetCreator.inside_both_apertures(moved, side)
+    xy = np.rint(moved).astype(int)
+    seen = [
+        aperture[np.clip(y, 0, side - 1), np.clip(x, 0, side - 1)]
+        & (x == np.clip(x, 0, side - 1))
+        & (y == np.clip(y, 0, side - 1))
+        for aperture, (x, y) in zip(apertures, (xy[:, 0:2].T, xy[:, 2:4].T))
+    ]
+    rim = np.abs(np.hypot(*(moved[:, 0:2] - side // 2).T) - int(0.47 * side)) < 2
+    rim |= np.abs(np.hypot(*(moved[:, 2:4] - side // 2).T) - int(0.47 * side)) < 2
+    assert np.array_equal(inside[~rim], (seen[0] & seen[1])[~rim])
+    assert 0 < inside.sum() < len(inside)  # a large motion: some points are seen by one crop only
 
 
 def test_write_moved_makes_p_pairs_from_the_s_pairs_of_a_fire_folder(tmp_path, photo, capsys):
@@ -144,6 +158,9 @@ def test_write_moved_makes_p_pairs_from_the_s_pairs_of_a_fire_folder(tmp_path, p
     printed = capsys.readouterr().out
     assert "warning: skipped" in printed and "S02_2.jpg: not an image file" in printed
     assert "S03_2.jpg: truncated JPEG" in printed
+    assert re.search(
+        r"control points inside both apertures: median [0-9.]+ per pair, \d of 2", printed
+    )
     pairs = read_fire(out)
     assert [p.pair for p in pairs] == ["P01", "P02"] and not any(p.problem for p in pairs)
     assert all(p.points.shape == (6, 4) for p in pairs)
