@@ -15,8 +15,8 @@ Outputs of ``--data`` (per method; in OUT/<method>/ when several are given):
                    the files as given; empty cells where registration failed). Rows are written as
                    pairs finish; a rerun with RESUME keeps the rows already there when they
                    were made with the same settings (settings.json: data, method, threads, the
-                   code's and the model's content, the procedure's settings), and redoes them
-                   otherwise.
+                   code's and the model's content, the procedure's or the classical method's
+                   settings), and redoes them otherwise.
     summary.json   n_pairs, mAUC, AUC_S, AUC_P, AUC_A, median_error_px, failed, inaccurate, bad,
                    low_confidence, bad_and_low_confidence, median_seconds, p90_seconds, threads.
                    AUC = area under the success-rate curve (share of pairs with error <= t) for
@@ -38,6 +38,7 @@ the confidence, the milliseconds and the folder with its files.
 """
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -90,6 +91,12 @@ REPEAT_ABOVE = 0.125  # net: a pass that moves a patch more than this share of i
 ZOOM_AT_OVERLAP = True  # net: the zoomed passes look where both fields of view overlap
 JITTER = 0.0  # net: px of noise added to each network translation (measures chance; 0 = none)
 JITTER_SEED = 0
+SIFT_SIDE = 512  # sift: the working size (longest side, px) and the keypoints kept (classical.py)
+SIFT_FEATURES = 2000
+ORB_SIDE = 384  # orb: the same, and the levels of its pyramid
+ORB_FEATURES = 1000
+ORB_LEVELS = 4
+ECC_SIDE = 384  # ecc: the finest level's longest side, px
 NET_SETTINGS = (  # the constants above that NetRegistrar takes, each as its lower-case keyword
     "COARSE_ITERATIONS",
     "ZOOM_ITERATIONS",
@@ -117,6 +124,11 @@ BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccura
 COLUMNS = ["pair", "category", "error_px", "seconds", "m00", "m01", "m02", "m10", "m11", "m12"]
 COLUMNS += ["confidence", "inaccurate", "reason"]
 CLASSICAL = ("sift", "orb", "ecc")
+CLASSICAL_SETTINGS = {  # the constants above that each classical method takes: ORB_SIDE -> side
+    "sift": ("SIFT_SIDE", "SIFT_FEATURES"),
+    "orb": ("ORB_SIDE", "ORB_FEATURES", "ORB_LEVELS"),
+    "ecc": ("ECC_SIDE",),
+}
 
 
 def set_threads(threads, tensorflow=True):
@@ -134,7 +146,7 @@ def make_method(name, args):
     if name in CLASSICAL:
         from classical import METHODS
 
-        return name, METHODS[name]
+        return name, functools.partial(METHODS[name], **method_settings(name, args))
     if name == "net" or name.endswith(".keras"):
         from Network import load_network
         from registrar import NetRegistrar
@@ -441,17 +453,24 @@ def summarise(rows, threads, low_confidence=LOW_CONFIDENCE, bad_px=BAD_PX):
     }
 
 
+def method_settings(name, args):
+    """A classical method's keyword arguments from its CLASSICAL_SETTINGS: ORB_SIDE -> side."""
+    return {key.split("_", 1)[1].lower(): getattr(args, key) for key in CLASSICAL_SETTINGS[name]}
+
+
 def run_settings(name, args):
     """What a method's per_pair.csv rows depend on: the data folder, the method, the threads (the
-    times), the code that runs it (its source files, by content), and for the network its model
-    file (by content) and the procedure's settings. Kept beside the rows (settings.json) so that
-    RESUME keeps only rows made the same way."""
+    times), the code that runs it (its source files, by content), for the network its model file
+    (by content) and the procedure's settings, for a classical method its settings. Kept beside
+    the rows (settings.json) so that RESUME keeps only rows made the same way."""
     settings = {"data": str(Path(args.DATA).resolve()), "method": name, "threads": args.THREADS}
     sources = ["Testing.py", "common.py"]
     sources += ["classical.py"] if name in CLASSICAL else ["registrar.py", "Network.py"]
     code = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in sources))
     settings["code_sha256"] = code.hexdigest()
-    if name not in CLASSICAL:
+    if name in CLASSICAL:
+        settings.update({key.lower(): getattr(args, key) for key in CLASSICAL_SETTINGS[name]})
+    else:
         model = Path(args.MODEL if name == "net" else name)
         settings["model_sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
         settings.update({key.lower(): getattr(args, key) for key in NET_SETTINGS})

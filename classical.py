@@ -115,19 +115,20 @@ def _register_features(fixed, moving, detector, norm, side):
     return Registration(a, float(confidence), None)
 
 
-def register_sift(fixed, moving):
-    """SIFT keypoints + Lowe ratio test + RANSAC affine."""
-    sift = cv2.SIFT_create(SIFT_FEATURES, contrastThreshold=SIFT_CONTRAST)
-    return _register_features(fixed, moving, sift, cv2.NORM_L2, SIFT_SIDE)
+def register_sift(fixed, moving, side=SIFT_SIDE, features=SIFT_FEATURES):
+    """SIFT keypoints + Lowe ratio test + RANSAC affine, at a longest side of ``side`` px."""
+    sift = cv2.SIFT_create(features, contrastThreshold=SIFT_CONTRAST)
+    return _register_features(fixed, moving, sift, cv2.NORM_L2, side)
 
 
-def register_orb(fixed, moving):
-    """ORB keypoints + ratio test on Hamming distances + RANSAC affine."""
-    orb = cv2.ORB_create(ORB_FEATURES, nlevels=ORB_LEVELS)
-    return _register_features(fixed, moving, orb, cv2.NORM_HAMMING, ORB_SIDE)
+def register_orb(fixed, moving, side=ORB_SIDE, features=ORB_FEATURES, levels=ORB_LEVELS):
+    """ORB keypoints + ratio test on Hamming distances + RANSAC affine, at a longest side of
+    ``side`` px."""
+    orb = cv2.ORB_create(features, nlevels=levels)
+    return _register_features(fixed, moving, orb, cv2.NORM_HAMMING, side)
 
 
-def _ecc_levels(fixed, moving):
+def _ecc_levels(fixed, moving, side):
     """Pyramid levels, coarse first: fixed (image, mask, work_from_file), the same for moving, and
     the motion type.
 
@@ -135,7 +136,7 @@ def _ecc_levels(fixed, moving):
     and a rigid motion: that is what gives ECC its capture range from the identity. Finer levels
     use the gradient magnitude (vessel edges; robust to exposure and colour changes) and an affine.
     """
-    sides = [min(ECC_SIDE, max(fixed.pixels.shape + moving.pixels.shape))]
+    sides = [min(side, max(fixed.pixels.shape + moving.pixels.shape))]
     while sides[-1] > ECC_COARSE_SIDE:
         sides.append(sides[-1] / 2)
     levels = []
@@ -160,11 +161,12 @@ def edges(pixels, mask):
     return magnitude, cv2.erode(mask, np.ones((5, 5), np.uint8))
 
 
-def register_ecc(fixed, moving):
-    """Coarse-to-fine ECC from the identity, with field-of-view masks on both images."""
+def register_ecc(fixed, moving, side=ECC_SIDE):
+    """Coarse-to-fine ECC from the identity, with field-of-view masks on both images, up to a
+    longest side of ``side`` px."""
     criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, ECC_ITERS, ECC_EPS)
     warp, frames, rho = np.eye(3), None, 0.0  # warp: moving_from_fixed in the current level
-    for f_img, f_mask, wf, m_img, m_mask, wm, motion in _ecc_levels(fixed, moving):
+    for f_img, f_mask, wf, m_img, m_mask, wm, motion in _ecc_levels(fixed, moving, side):
         if frames is not None:  # carry the warp over from the previous (coarser) level's frames
             warp = wm @ np.linalg.inv(frames[1]) @ warp @ frames[0] @ np.linalg.inv(wf)
         frames = (wf, wm)

@@ -117,3 +117,34 @@ def test_flat_images_do_not_raise(name):
     else:
         assert name == "ecc"
         np.testing.assert_allclose(result.fixed_from_moving, np.eye(3)[:2], atol=1e-3)
+
+
+def test_testing_has_a_flag_for_each_operating_point_with_classical_defaults():
+    """Testing.py's --sift-side, --orb-features... reach the method, with classical.py's
+    defaults: ORB_SIDE is register_orb's ``side``."""
+    import inspect
+
+    import Testing
+    from common import cli
+
+    for name, keys in Testing.CLASSICAL_SETTINGS.items():
+        taken = list(inspect.signature(classical.METHODS[name]).parameters)[2:]  # after the images
+        args = cli(vars(Testing), "", [])
+        assert sorted(Testing.method_settings(name, args)) == sorted(taken), name
+        for key in keys:
+            assert getattr(Testing, key) == getattr(classical, key), key
+    args = cli(vars(Testing), "", ["--orb-side", "300", "--orb-features", "7", "--orb-levels", "2"])
+    _, register = Testing.make_method("orb", args)
+    assert register.keywords == {"side": 300, "features": 7, "levels": 2}
+
+
+def test_the_operating_point_changes_the_result(retina):
+    """ORB with 7 keypoints cannot register what it registers with its default 1000, and SIFT
+    at a third of its working size is coarser: the settings are used, not just accepted."""
+    truth = MOTION["orb"]
+    fixed, moving = grey(aperture(retina)), grey(moved(retina, truth))
+    few = classical.register_orb(fixed, moving, features=7)
+    assert few.fixed_from_moving is None and "too few" in few.reason
+    small = classical.register_sift(fixed, moving, side=160)
+    full = classical.register_sift(fixed, moving)
+    assert grid_error(full.fixed_from_moving, truth) < grid_error(small.fixed_from_moving, truth)

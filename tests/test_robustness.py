@@ -454,6 +454,9 @@ def test_testing_resume_redoes_rows_made_with_other_settings(tmp_path):
     assert read_csv(out / "per_pair.csv")["S01"]["error_px"] != "999"
     settings = json.loads((out / "settings.json").read_text())
     assert settings["threads"] == 1 and settings["method"] == "orb"
+    assert settings["orb_features"] == 1000  # and ORB's operating point:
+    another = run("Testing.py", *args, "--threads", "1", "--orb-features", "900")
+    assert another.returncode == 0 and "redone" in another.stdout
 
 
 def test_the_settings_of_a_net_run_name_its_model_code_and_procedure(tmp_path, monkeypatch):
