@@ -362,6 +362,9 @@ def write_fire_folder(photos, args):
     print(f"{root}: {args.SAMPLE_PAIRS} FIRE-layout pairs from {', '.join(used)}")
 
 
+_MOVED_APERTURE = 0.47  # radius of moved_pair's aperture, a share of the crop's side
+
+
 def moved_pair(rng, fixed, moving, points, args):
     """A harder real pair from a real one (colour images and their control points): crops of
     side C of both captures, the same round aperture laid over each (the camera stays put), the
@@ -376,9 +379,11 @@ def moved_pair(rng, fixed, moving, points, args):
     shift = rng.uniform(args.MAX_SHIFT / 2, args.MAX_SHIFT)
     degrees = rng.uniform(-args.MAX_ROTATION_DEG, args.MAX_ROTATION_DEG)
     scale = np.exp(rng.uniform(-args.MAX_SCALE / 2, args.MAX_SCALE / 2))
-    # the aperture (radius 0.47 C, scaled) of each crop lies inside the smaller disc
+    # the aperture (radius _MOVED_APERTURE C, scaled) of each crop lies inside the smaller disc
     side = int(
-        0.98 * min(fixed_radius, moving_radius) / (0.47 * (1 + args.MAX_SCALE / 2) + shift / 2)
+        0.98
+        * min(fixed_radius, moving_radius)
+        / (_MOVED_APERTURE * (1 + args.MAX_SCALE / 2) + shift / 2)
     )
     direction = rng.uniform(0, 2 * np.pi)
     offset = shift * side / 2 * np.array([np.cos(direction), np.sin(direction)])
@@ -391,7 +396,8 @@ def moved_pair(rng, fixed, moving, points, args):
         @ translation(*(-offset - moving_centre))
     )
     aperture = np.zeros((side, side), np.uint8)
-    cv2.circle(aperture, (side // 2, side // 2), int(0.47 * side), 255, -1)
+    centre_px, radius_px = aperture_circle(side)
+    cv2.circle(aperture, (centre_px, centre_px), radius_px, 255, -1)
     crops = [
         cv2.warpAffine(image, m[:2], (side, side), flags=cv2.INTER_AREA) & aperture[..., None]
         for image, m in ((fixed, crop_from_fixed), (moving, crop_from_moving))
@@ -405,10 +411,16 @@ def moved_pair(rng, fixed, moving, points, args):
     return crops[0], crops[1], moved
 
 
+def aperture_circle(side):
+    """(centre, radius) in pixels of the round aperture that ``moved_pair`` lays over a crop of
+    side ``side`` (the centre is (centre, centre))."""
+    return side // 2, int(_MOVED_APERTURE * side)
+
+
 def inside_both_apertures(points, side):
     """(K,) bool: which of a moved pair's points (``moved_pair``'s, in crop pixels) lie inside the
     aperture of both crops, the overlap where FIRE puts all of a pair's control points."""
-    centre, radius = side // 2, int(0.47 * side)  # moved_pair's cv2.circle
+    centre, radius = aperture_circle(side)
     return np.all([np.hypot(*(points[:, k : k + 2] - centre).T) <= radius for k in (0, 2)], axis=0)
 
 

@@ -468,12 +468,11 @@ def run_settings(name, args):
     sources += ["classical.py"] if name in CLASSICAL else ["registrar.py", "Network.py"]
     code = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in sources))
     settings["code_sha256"] = code.hexdigest()
-    if name in CLASSICAL:
-        settings.update({key.lower(): getattr(args, key) for key in CLASSICAL_SETTINGS[name]})
-    else:
+    keys = CLASSICAL_SETTINGS.get(name, NET_SETTINGS)
+    if name not in CLASSICAL:
         model = Path(args.MODEL if name == "net" else name)
         settings["model_sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
-        settings.update({key.lower(): getattr(args, key) for key in NET_SETTINGS})
+    settings.update({key.lower(): getattr(args, key) for key in keys})
     return settings
 
 

@@ -129,8 +129,10 @@ def test_a_moved_real_pair_keeps_its_control_points_true(photo, seed):
         & (y == np.clip(y, 0, side - 1))
         for aperture, (x, y) in zip(apertures, (xy[:, 0:2].T, xy[:, 2:4].T))
     ]
-    rim = np.abs(np.hypot(*(moved[:, 0:2] - side // 2).T) - int(0.47 * side)) < 2
-    rim |= np.abs(np.hypot(*(moved[:, 2:4] - side // 2).T) - int(0.47 * side)) < 2
+    centre, radius = DatasetCreator.aperture_circle(side)
+    rim = np.any(
+        [np.abs(np.hypot(*(moved[:, k : k + 2] - centre).T) - radius) < 2 for k in (0, 2)], 0
+    )
     assert np.array_equal(inside[~rim], (seen[0] & seen[1])[~rim])
     assert 0 < inside.sum() < len(inside)  # a large motion: some points are seen by one crop only
 
