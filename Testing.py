@@ -7,7 +7,8 @@
 METHOD: ``net`` (the model MODEL), a path to a ``.keras`` model, or a classical baseline ``sift``,
 ``orb``, ``ecc`` (classical.py). Every method gets the same clock: ``seconds`` runs from both
 images decoded in memory (common.read_image) to the matrix, models loaded and warmed up before,
-and the same number of CPU threads (THREADS) for OpenCV and TensorFlow.
+and the same number of CPU threads (THREADS) for OpenCV and TensorFlow (NumPy's BLAS one:
+set_threads).
 
 Outputs of ``--data`` (per method; in OUT/<method>/ when several are given):
     per_pair.csv   pair, category, error_px, seconds, m00..m12, confidence, inaccurate, reason
@@ -47,6 +48,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from common import (
     AUC_MAX_PX,
@@ -132,7 +134,14 @@ CLASSICAL_SETTINGS = {  # the constants above that each classical method takes: 
 
 
 def set_threads(threads, tensorflow=True):
+    """THREADS for OpenCV and TensorFlow (LiteRT takes TensorFlow's), for every method alike; and
+    one for NumPy's BLAS (OpenBLAS): its products here are small (a pass's patches flattened, the
+    affine fits), a second thread gains nothing on them, and once woken it spins on a core for a
+    while after each, the core that LiteRT and OpenCV need next. On fire-dev-hard the net's median
+    was 21.6-31.1 ms with one BLAS thread and 29.4-34.0 ms with two, six runs of each in turn,
+    the same matrices (README, speed)."""
     cv2.setNumThreads(threads)
+    threadpool_limits(1, user_api="blas")
     if not tensorflow:  # classical methods only: no need to import TensorFlow (seconds)
         return
     import tensorflow as tf
@@ -542,7 +551,7 @@ def comparison(out, summaries, errors_by_method):
     lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in table]
     note = (
         f"\n{summaries[0]['n_pairs']} pairs, {summaries[0]['threads']} CPU threads for every "
-        "method; seconds from decoded images to matrix.\n"
+        "method (NumPy's BLAS: 1); seconds from decoded images to matrix.\n"
     )
     write_atomic(out / "comparison.md", "\n".join(lines) + "\n" + note)
     text = (

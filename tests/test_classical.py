@@ -148,3 +148,19 @@ def test_the_operating_point_changes_the_result(retina):
     small = classical.register_sift(fixed, moving, side=160)
     full = classical.register_sift(fixed, moving)
     assert grid_error(full.fixed_from_moving, truth) < grid_error(small.fixed_from_moving, truth)
+
+
+def test_every_method_gets_the_same_threads_and_numpys_blas_one():
+    """Testing.set_threads: THREADS for OpenCV, one thread for NumPy's BLAS (and OpenCV's own
+    copy of OpenBLAS), whose second thread spins after each small product and slowed the net."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import Testing
+
+    before = cv2.getNumThreads()
+    with threadpool_limits(limits=2, user_api="blas"):  # the limits found are restored after
+        Testing.set_threads(2, tensorflow=False)
+        assert cv2.getNumThreads() == 2
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and set(blas) == {1}
+    cv2.setNumThreads(before)
