@@ -194,11 +194,16 @@ def camera_aperture(rng, size, args):
 def source_disc(bgr):
     """((x, y) centre, radius) of the largest disc inside a photograph's own field of view: where
     a synthetic view may sample its retina (never the photograph's own border, which would move
-    with the retina and give the motion away)."""
+    with the retina and give the motion away), and inside the frame: a field of view cut by
+    the frame's edges (IDRiD's, at top and bottom; some of STARE's, at the sides) or filling it
+    (a scanning-laser image, no aperture) ends at them. OpenCV's distance transform counts only
+    the zero pixels it is given, not the frame's edges (a full frame would give FLT_MAX): the
+    mask gets a one-pixel border of zeros first."""
     inside = (fov_mask(bgr[:, :, 1]) > 0).astype(np.uint8)
+    inside = cv2.copyMakeBorder(inside, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     distance = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
     _, radius, _, centre = cv2.minMaxLoc(distance)
-    return np.array(centre, np.float64), float(radius)
+    return np.array(centre, np.float64) - 1, float(radius) - 1  # back to the photograph's frame
 
 
 def synthetic_pair(rng, photo, args, motion=1.0, appearance=1.0):

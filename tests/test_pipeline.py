@@ -64,6 +64,38 @@ def test_targets_align_the_patches(shards):
     assert np.mean(np.array(after) > np.array(wrong)) > 0.9
 
 
+def test_the_training_pipeline_flips_patches_and_targets_together(shards):
+    """What NetworkTrainer feeds Keras: every pair of the shards once an epoch, in a new order
+    each epoch, some flipped, and each still aligned by its target (a flip of the patches
+    without the matching flip of the matrix would misalign it)."""
+    out, _ = shards
+    names = sorted(p.name[: -len("-x.npy")] for p in out.glob("*-x.npy"))
+    listed = [{"name": name} for name in names]
+    ds, size = NetworkTrainer.make_dataset(out, listed, 8, 0, True)
+    stored = np.concatenate([np.load(out / f"{name}-x.npy") for name in names])
+    n = norm_from_pixels(size)
+    orders = []
+    for _ in range(2):  # two epochs
+        flipped, aligned, order = 0, [], []
+        for x, targets in ds:
+            for patches, target in zip(x.numpy().astype(np.uint8), targets["matrix"].numpy()):
+                fixed, moving = patches[..., 0], patches[..., 1]
+                same = np.flatnonzero((stored == patches).all(axis=(1, 2, 3)))
+                order.append(int(same[0]) if len(same) else -1)
+                flipped += len(same) == 0
+                pixels = np.linalg.inv(n) @ to3x3(target) @ n
+                off = pixels + [[0, 0, 3], [0, 0, -3], [0, 0, 0]]
+                right, wrong = (cv2.warpAffine(moving, m[:2], (size, size)) for m in (pixels, off))
+                aligned.append(ncc(fixed, right) > ncc(fixed, wrong))
+        assert len(order) == len(stored)
+        unflipped = [k for k in order if k >= 0]
+        assert len(set(unflipped)) == len(unflipped)  # no pair twice
+        assert 0.2 * len(stored) < flipped < 0.95 * len(stored)  # 3 in 4 flipped one way or both
+        assert np.mean(aligned) > 0.9
+        orders.append(order)
+    assert orders[0] != orders[1]
+
+
 def test_rerun_skips_finished_shards(shards):
     out, argv = shards
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}

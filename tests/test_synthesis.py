@@ -21,18 +21,39 @@ def photo():
     return ("retina", bgr, DatasetCreator.source_disc(bgr))
 
 
+def framed(photo, kind):
+    """The retina photograph as other cameras frame it: its field of view cut at top and bottom
+    by the frame (IDRiD), running off one side (some of STARE's), or filling it (a scanning-laser
+    image, or a crop inside the aperture)."""
+    bgr = photo[1]
+    bgr = {
+        "clipped": bgr[110:590],
+        "off-side": bgr[:, 160:],
+        "full-frame": cv2.resize(bgr[200:500, 170:530], (432, 360)),
+    }.get(kind, bgr)
+    bgr = np.ascontiguousarray(bgr)
+    return (kind, bgr, DatasetCreator.source_disc(bgr))
+
+
+FRAMES = ["round", "clipped", "off-side", "full-frame"]
+
+
 def settings(*argv):
     return cli(vars(DatasetCreator), "", ["--synth-size", "384", *argv])
 
 
+@pytest.mark.parametrize("frame", FRAMES)
 @pytest.mark.parametrize("seed", range(6))
-def test_the_aperture_stays_put_and_the_photographs_border_never_shows(photo, seed):
+def test_the_aperture_stays_put_and_the_photographs_border_never_shows(photo, frame, seed):
     """The camera does not move: fixed and moving have the SAME field of view, whatever the
     motion (the largest the settings allow). And both views sample the retina only inside the
-    photograph's own field of view: no dark edge of the source moves with the retina."""
+    photograph's own field of view and inside its frame: no dark edge of the source moves with
+    the retina, whether the source's field of view is round, cut by the frame or fills it."""
     args = settings("--full-frame-share", "0.3", "--lesion-share", "0", "--flare-share", "0")
     rng = np.random.default_rng(seed)
-    fixed, moving, fixed_from_moving, _ = DatasetCreator.synthetic_pair(rng, photo, args)
+    fixed, moving, fixed_from_moving, _ = DatasetCreator.synthetic_pair(
+        rng, framed(photo, frame), args
+    )
     seen = [img.max(axis=-1) > 0 for img in (fixed, moving)]
     assert np.count_nonzero(seen[0] != seen[1]) < 0.002 * seen[0].size
     # inside the aperture, nothing as dark as the photograph's own surround (a moved border
@@ -46,12 +67,31 @@ def test_the_aperture_stays_put_and_the_photographs_border_never_shows(photo, se
     assert np.linalg.norm(shift) <= 0.45 * 384 + 1e-6
 
 
-def test_source_disc_is_inside_the_photographs_field_of_view(photo):
-    (x, y), radius = photo[2]
-    bgr = photo[1]
-    assert 0.4 * 700 < radius < 0.5 * 700
+@pytest.mark.parametrize("frame", FRAMES)
+def test_source_disc_is_inside_the_photographs_field_of_view_and_frame(photo, frame):
+    """The largest disc in the field of view ends at the frame's edges too (OpenCV's distance
+    transform alone does not see them: a field of view cut by the frame gave a disc reaching out
+    of it, one filling the frame an infinite radius)."""
+    _, bgr, ((x, y), radius) = framed(photo, frame)
+    height, width = bgr.shape[:2]
+    expected = {"round": 0.47 * 700, "clipped": 240, "off-side": 270, "full-frame": 180}
+    assert 0.9 * expected[frame] < radius <= min(x + 1, y + 1, width - x, height - y)
     ring = [(x + radius * 0.98 * np.cos(t), y + radius * 0.98 * np.sin(t)) for t in range(12)]
     assert all(bgr[int(py), int(px)].max() > 10 for px, py in ring)
+
+
+def test_a_sample_from_photographs_without_a_round_aperture(tmp_path, photo):
+    """--write-sample from a folder of frame-filling photographs (scanning-laser images) and of
+    frame-cut ones writes its pairs (it stopped with an OpenCV error on the first kind)."""
+    folder = tmp_path / "slo"
+    folder.mkdir()
+    for frame in ("full-frame", "clipped"):
+        cv2.imwrite(str(folder / f"{frame}.png"), framed(photo, frame)[1])
+    out = tmp_path / "sample"
+    argv = ["--photos", str(folder), "--retina", "false", "--write-sample", str(out)]
+    DatasetCreator.main(settings(*argv, "--sample-pairs", "3"))
+    pairs = read_fire(out)
+    assert [p.pair for p in pairs] == ["A01", "P01", "S01"] and not any(p.problem for p in pairs)
 
 
 def test_several_photo_folders_in_one_run(tmp_path, photo):
