@@ -203,7 +203,9 @@ def source_disc(bgr):
     inside = cv2.copyMakeBorder(inside, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     distance = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
     _, radius, _, centre = cv2.minMaxLoc(distance)
-    return np.array(centre, np.float64) - 1, float(radius) - 1  # back to the photograph's frame
+    # the centre back in the photograph's frame; the radius to the last pixel inside, not the
+    # first outside (a frame-filling image's disc then ends at its edge pixels)
+    return np.array(centre, np.float64) - 1, float(radius) - 1
 
 
 def synthetic_pair(rng, photo, args, motion=1.0, appearance=1.0):

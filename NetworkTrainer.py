@@ -78,8 +78,8 @@ def read_manifest(data):
 def flip(x, y, horizontal, vertical):
     """Flip (N, P, P, 2) patch pairs and their normalised (N, 2, 3) targets together, each pair
     where its ``horizontal`` / ``vertical`` (N,) flag says: F A F, F = diag(+-1, +-1, 1), whose
-    entry (r, c) is A's times the signs of row r and column c."""
-    x, y = x.copy(), y.astype(np.float32)
+    entry (r, c) is A's times the signs of row r and column c (float32 targets stay float32)."""
+    x = x.copy()
     x[horizontal] = x[horizontal][:, :, ::-1]
     x[vertical] = x[vertical][:, ::-1]
     signs = np.ones((len(y), 3), np.float32)
@@ -100,7 +100,7 @@ def make_dataset(data, shards, batch_size, seed, train):
 
     def load(k):
         xs = np.load(Path(data) / f"{shards[k]['name']}-x.npy")
-        ys = np.load(Path(data) / f"{shards[k]['name']}-y.npy").astype(np.float32)
+        ys = np.load(Path(data) / f"{shards[k]['name']}-y.npy").astype(np.float32, copy=False)
         if train:
             rng = np.random.default_rng([seed, next(reads)])
             pick = rng.permutation(len(xs))
