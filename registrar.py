@@ -60,6 +60,11 @@ Frames (common.py's convention, 3x3 matrices named ``b_from_a``):
 Patches are cut from the pyramid level nearest the pass's scale with cv2.warpAffine (a 64 px
 output each), never by warping whole views: a pass costs the same on a 3000 px image as on a
 768 px one, and no pixel is resampled twice.
+
+Threads: Testing.py calls ``Testing.set_threads(THREADS)`` before it builds a NetRegistrar: THREADS
+for OpenCV and TensorFlow, one for NumPy's BLAS (its products here are small, and a second
+OpenBLAS thread spins on the core that the network needs next). Code that uses NetRegistrar on
+its own should call it too, or it registers at about the README's times plus a third.
 """
 
 import functools
