@@ -459,6 +459,38 @@ def test_testing_resume_redoes_rows_made_with_other_settings(tmp_path):
     assert another.returncode == 0 and "redone" in another.stdout
 
 
+def test_testing_runs_the_methods_pair_by_pair_in_turn_and_resumes_each(tmp_path, monkeypatch):
+    """Several methods register each pair in turn, the first rotating from pair to pair (a busy
+    moment of the machine slows them all alike), every pair's images read once; rows a method
+    already has (RESUME) are not redone, while the other methods still run on that pair."""
+    import Testing
+    from common import Registration, cli, read_fire
+
+    pairs = read_fire(ROOT / "data" / "sample")
+    args = cli(vars(Testing), "", ["--figures", "false"])
+    calls, reads = [], []
+    monkeypatch.setattr(Testing, "read_pair", lambda item, read=Testing.read_pair: (
+        reads.append(item.pair), read(item))[1])  # fmt: skip
+
+    def method(label):
+        def register(fixed, moving):
+            calls.append(label)
+            return Registration(np.eye(3)[:2], 1.0)
+
+        return label, register, tmp_path / label, {"method": label}
+
+    Testing.evaluate_folder(pairs, [method("a"), method("b"), method("c")], args)
+    assert reads == [p.pair for p in pairs]  # once each
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"] * 2
+    path = tmp_path / "b" / "per_pair.csv"
+    path.write_text("\n".join(path.read_text().splitlines()[:5]) + "\n")  # killed after 4 rows
+    calls.clear()
+    Testing.evaluate_folder(pairs, [method("a"), method("b")], args)
+    assert calls == ["b", "b"]  # a has every row; b redoes its last two pairs only
+    assert sorted(read_csv(path)) == sorted(p.pair for p in pairs)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["n_pairs"] == len(pairs)
+
+
 def test_the_settings_of_a_net_run_name_its_model_code_and_procedure(tmp_path, monkeypatch):
     """What RESUME compares for the network: the procedure's settings, the model's bytes (a
     retrained model saved under the same name is another model) and the code's."""
