@@ -498,7 +498,8 @@ def run_settings(name, args):
 def open_folder(label, out, args, settings):
     """Start one method's per_pair.csv in ``out``. With RESUME, the rows already there are kept if
     ``settings`` (run_settings) are those they were made with, and redone otherwise (other
-    settings, a rerun after a change of flags). Returns (the kept rows by pair, the file)."""
+    settings, a rerun after a change of flags). Returns (the kept rows by pair, the file, its
+    csv writer)."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -514,7 +515,7 @@ def open_folder(label, out, args, settings):
     writer.writeheader()
     writer.writerows(done.values())
     f.flush()
-    return done, f
+    return done, f, writer
 
 
 def close_folder(label, out, rows, args):
@@ -541,24 +542,24 @@ def evaluate_folder(pairs, methods, args):
     from tqdm import tqdm
 
     with ExitStack() as stack:
-        runs = []  # per method: label, register, out, the kept rows by pair, its csv file
+        runs, rows = [], {}  # per method: (label, register, out, kept rows, file, writer); rows
         for label, register, out, settings in methods:
-            done, f = open_folder(label, out, args, settings)
+            done, f, writer = open_folder(label, out, args, settings)
             stack.callback(f.close)
-            runs.append((label, register, out, done, f))
-        rows = {
-            label: [done[p.pair] for p in pairs if p.pair in done] for label, *_, done, _ in runs
-        }
-        todo = [p for p in pairs if any(p.pair not in done for *_, done, _ in runs)]
+            runs.append((label, register, out, done, f, writer))
+            rows[label] = [done[p.pair] for p in pairs if p.pair in done]
+        todo = [p for p in pairs if any(p.pair not in done for _, _, _, done, _, _ in runs)]
         for k, item in enumerate(tqdm(todo, desc=", ".join(rows), unit="pair")):
             images = read_pair(item)
-            for label, register, out, done, f in runs[k % len(runs) :] + runs[: k % len(runs)]:
+            for label, register, out, done, f, writer in (
+                runs[k % len(runs) :] + runs[: k % len(runs)]
+            ):
                 if item.pair in done:
                     continue
                 row = evaluate_pair(item, images, register, out, args.FIGURES)
                 if row["reason"]:
                     tqdm.write(f"{label}: {item.pair} failed: {row['reason']}")
-                csv.DictWriter(f, COLUMNS).writerow(row)
+                writer.writerow(row)
                 f.flush()
                 rows[label].append(row)
     return [close_folder(label, out, rows[label], args) for label, _, out, *_ in runs]
@@ -623,10 +624,9 @@ def run_folder(args, methods):
         folder = out if len(methods) == 1 else out / label
         runs.append((label, register, folder, run_settings(name, args)))
     summaries, errors, files = [], {}, []
-    for (label, _, folder, _), (summary, errors[label]) in zip(
-        runs, evaluate_folder(pairs, runs, args)
-    ):
+    for (label, _, folder, _), (summary, errs) in zip(runs, evaluate_folder(pairs, runs, args)):
         summaries.append(summary)
+        errors[label] = errs
         num = {k: "n/a" if v is None else f"{v:.3f}" for k, v in summary.items() if k != "method"}
         print(
             f"{label}: mAUC {num['mAUC']}, median error {num['median_error_px']} px, "
