@@ -495,10 +495,11 @@ def run_settings(name, args):
     return settings
 
 
-def open_folder(label, out, args, settings):
-    """Start one method's per_pair.csv in ``out``. With RESUME, the rows already there are kept if
-    ``settings`` (run_settings) are those they were made with, and redone otherwise (other
-    settings, a rerun after a change of flags). Returns (the kept rows by pair, the file, its
+def open_folder(pairs, label, out, args, settings):
+    """Start one method's per_pair.csv in ``out``. With RESUME, the rows already there of
+    ``pairs`` are kept if ``settings`` (run_settings) are those they were made with, and redone
+    otherwise (other settings, a rerun after a change of flags); rows of pairs no longer in the
+    folder are dropped. Returns (the kept rows by pair, in the order of ``pairs``, the file, its
     csv writer)."""
     from tqdm import tqdm
 
@@ -509,6 +510,7 @@ def open_folder(label, out, args, settings):
         tqdm.write(f"{label}: the {len(done)} rows in {csv_path} were made with other settings "
                    "(settings.json), so they are redone")  # fmt: skip
         done = {}
+    done = {p.pair: done[p.pair] for p in pairs if p.pair in done}
     write_json(settings_path, settings)
     f = open(csv_path, "w", newline="")  # the kept rows rewritten, then appended as they come
     writer = csv.DictWriter(f, COLUMNS)
@@ -544,10 +546,10 @@ def evaluate_folder(pairs, methods, args):
     with ExitStack() as stack:
         runs, rows = [], {}  # per method: (label, register, out, kept rows, file, writer); rows
         for label, register, out, settings in methods:
-            done, f, writer = open_folder(label, out, args, settings)
+            done, f, writer = open_folder(pairs, label, out, args, settings)
             stack.callback(f.close)
             runs.append((label, register, out, done, f, writer))
-            rows[label] = [done[p.pair] for p in pairs if p.pair in done]
+            rows[label] = list(done.values())
         todo = [p for p in pairs if any(p.pair not in done for _, _, _, done, _, _ in runs)]
         for k, item in enumerate(tqdm(todo, desc=", ".join(rows), unit="pair")):
             images = read_pair(item)

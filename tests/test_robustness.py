@@ -489,6 +489,9 @@ def test_testing_runs_the_methods_pair_by_pair_in_turn_and_resumes_each(tmp_path
     assert calls == ["b", "b"]  # a has every row; b redoes its last two pairs only
     assert sorted(read_csv(path)) == sorted(p.pair for p in pairs)
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["n_pairs"] == len(pairs)
+    calls.clear()  # a pair gone from the folder: its row goes from per_pair.csv as from the summary
+    Testing.evaluate_folder(pairs[1:], [method("b")], args)
+    assert calls == [] and sorted(read_csv(path)) == sorted(p.pair for p in pairs[1:])
 
 
 def test_the_settings_of_a_net_run_name_its_model_code_and_procedure(tmp_path, monkeypatch):
