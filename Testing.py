@@ -620,9 +620,13 @@ def run_folder(args, methods):
     pairs = read_fire(args.DATA)
     set_threads(args.THREADS, any(m not in CLASSICAL for m in methods))  # after the checks
     out = Path(args.OUT)
-    runs = []
+    runs, names = [], {}
     for name in methods:
         label, register = make_method(name, args)
+        if label in names:  # one folder, one per_pair.csv: the two would mix their rows
+            raise InputError("--method", f"{names[label]} and {name} are both labelled {label} "
+                             "(a model's file name); give one of them another name")  # fmt: skip
+        names[label] = name
         folder = out if len(methods) == 1 else out / label
         runs.append((label, register, folder, run_settings(name, args)))
     summaries, errors, files = [], {}, []

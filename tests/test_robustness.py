@@ -665,6 +665,19 @@ def test_testing_with_a_bad_model_file_exits_2(images, bad_models, tmp_path, fla
     assert_input_error(proc, bad_models / name, problem)
 
 
+def test_testing_with_two_models_of_one_name_exits_2(model_path, tmp_path):
+    """Two models whose files share a name would share a results folder and its per_pair.csv
+    (each method's folder is named by its label): one line, before any pair is registered."""
+    other = tmp_path / "other" / model_path.name
+    other.parent.mkdir()
+    shutil.copy(model_path, other)
+    out = tmp_path / "out"
+    proc = run("Testing.py", "--data", ROOT / "data" / "sample", "--method",
+               f"{model_path},{other}", "--out", out)  # fmt: skip
+    assert_input_error(proc, "--method", "both labelled m")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "flags, problem",
     [
