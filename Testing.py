@@ -544,7 +544,9 @@ def evaluate_folder(pairs, methods, args):
     from tqdm import tqdm
 
     with ExitStack() as stack:
-        runs, rows = [], {}  # per method: (label, register, out, kept rows, file, writer); rows
+        # runs: per method (label, register, out, kept rows, file, writer); rows: by label, the
+        # kept rows and then the new ones, for close_folder
+        runs, rows = [], {}
         for label, register, out, settings in methods:
             done, f, writer = open_folder(pairs, label, out, args, settings)
             stack.callback(f.close)
