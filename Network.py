@@ -29,13 +29,12 @@ import functools
 import os
 import time
 
-# TensorFlow's start-up log off (common.py says why): set before Keras first imports TensorFlow
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
+from common import InputError, cli, exit_on_input_error, import_tensorflow, quiet_native_log
+
+import_tensorflow()  # before Keras imports it: its start-up notices held (common.py)
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from common import InputError, cli, exit_on_input_error  # noqa: E402
 
 # Architecture (the defaults of build_network)
 INPUT_SIZE = 64  # patch side in pixels (the coarse pass sees the whole image at this size)
@@ -303,10 +302,11 @@ def matrix_function(model):
 
     def matrix(x):
         if len(x) not in interpreters:
-            interpreter = Interpreter(model_content=flat, num_threads=threads)
-            index = interpreter.get_input_details()[0]["index"]
-            interpreter.resize_tensor_input(index, x.shape)
-            interpreter.allocate_tensors()
+            with quiet_native_log():  # LiteRT's INFO line on its CPU delegate
+                interpreter = Interpreter(model_content=flat, num_threads=threads)
+                index = interpreter.get_input_details()[0]["index"]
+                interpreter.resize_tensor_input(index, x.shape)
+                interpreter.allocate_tensors()
             interpreters[len(x)] = interpreter, index, interpreter.get_output_details()[0]["index"]
         interpreter, index, output = interpreters[len(x)]
         interpreter.set_tensor(index, x)

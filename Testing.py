@@ -58,6 +58,7 @@ from common import (
     equalise,
     exit_on_input_error,
     fire_error,
+    import_tensorflow,
     is_inaccurate,
     read_fire,
     read_image,
@@ -145,8 +146,7 @@ def set_threads(threads, tensorflow=True):
     threadpool_limits(1, user_api="blas")
     if not tensorflow:  # classical methods only: no need to import TensorFlow (seconds)
         return
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 

@@ -11,10 +11,13 @@ Convention (used everywhere in this repository):
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -22,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 # TensorFlow's C++ log below errors is for its developers (CPU features, the model converter's
-# steps): kept off the output of Testing.py, which imports TensorFlow after this module, unless
-# asked for (it is read when TensorFlow is first imported).
+# steps): kept off the scripts' output unless asked for (read when TensorFlow is first imported;
+# quiet_native_log holds the notices that TensorFlow writes before it reads it to it too).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MIN_SIDE = 32  # smaller images cannot be registered meaningfully
@@ -37,6 +40,61 @@ class InputError(Exception):
     def __init__(self, path, problem):
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = str(path), problem
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow, quietly
+
+# What TensorFlow's and LiteRT's C++ code write straight to stderr, whatever TF_CPP_MIN_LOG_LEVEL
+# says, and the level of each: absl's note that its log is not set up yet (TensorFlow's import
+# logs before it is), absl-style lines ("I0000 00:00:... port.cc:153] oneDNN custom operations
+# are on": Intel CPUs with AVX-512, where TensorFlow turns oneDNN on by itself, and wherever
+# TF_ENABLE_ONEDNN_OPTS=1) and LiteRT's ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU").
+_NATIVE_LOG = [
+    (re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called"), 0),
+    (re.compile(r"I\d{4} [\d:.]+ +\d+ \S+:\d+\] "), 0),
+    (re.compile(r"W\d{4} [\d:.]+ +\d+ \S+:\d+\] "), 1),
+    (re.compile(r"INFO: "), 0),
+]
+
+
+@contextlib.contextmanager
+def quiet_native_log():
+    """Hold what native code writes to stderr (file descriptor 2) inside the block, then write it
+    out less the notices that TF_CPP_MIN_LOG_LEVEL (2 unless set: INFO and WARNING off) asks to
+    leave out (_NATIVE_LOG). Everything else, errors and Python's own output included, comes out
+    as it was, once the block ends. Neither TensorFlow nor LiteRT offers a setting for these:
+    absl writes every line logged before its log is set up, and LiteRT's minimal logger its INFO,
+    whatever the level."""
+    level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") or 0)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [
+                line
+                for line in lines
+                if not any(p.match(line) and below < level for p, below in _NATIVE_LOG)
+            ]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def import_tensorflow():
+    """``import tensorflow``, inside quiet_native_log (the scripts' first import of TensorFlow,
+    Keras' included, goes through here). Returns the module."""
+    with quiet_native_log():
+        import tensorflow
+
+    return tensorflow
 
 
 # ----------------------------------------------------------------------------------------------

@@ -880,6 +880,41 @@ def test_a_bad_input_is_one_line_in_a_shell_that_does_not_quiet_tensorflow(tmp_p
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
 
 
+def test_no_tensorflow_notice_on_stderr_where_onednn_is_on(tmp_path):
+    """Where TensorFlow turns its oneDNN kernels on (by itself on Intel CPUs with AVX-512; forced
+    here with TF_ENABLE_ONEDNN_OPTS=1, so that every CPU shows it), it writes a notice on stderr
+    that no log level silences, and LiteRT one more on its CPU delegate: in a user's shell the
+    single-pair command, which loads both, writes nothing on stderr at all."""
+    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    images = ROOT / "data" / "sample" / "Images"
+    proc = run("Testing.py", "--fixed", images / "S01_1.jpg", "--moving", images / "S01_2.jpg",
+               "--out", tmp_path, env={**env, "TF_ENABLE_ONEDNN_OPTS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "fixed_from_moving" in proc.stdout
+
+
+def test_quiet_native_log_holds_only_the_notices(capfd, monkeypatch):
+    """What native code writes on file descriptor 2 comes out after the block, less the notices
+    below TF_CPP_MIN_LOG_LEVEL: an error line, and Python's own output, are kept."""
+    from common import quiet_native_log
+
+    lines = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+        "I0000 00:00:1796503562.687052    2167 port.cc:153] oneDNN custom operations are on.\n",
+        "W0000 00:00:1796503564.830621    2167 helpers.cc:364] Ignored output_format.\n",
+        "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n",
+        "E0000 00:00:1796503564.830621    2167 loader.cc:12] something real went wrong\n",
+        "a line of Python's own\n",
+    ]
+    for level, kept in (("2", lines[4:]), ("1", lines[2:3] + lines[4:]), ("0", lines)):
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+        with quiet_native_log():
+            for line in lines:
+                os.write(2, line.encode())
+        assert capfd.readouterr().err == "".join(kept), level
+
+
 def test_trainer_refuses_a_manifest_whose_shard_is_missing(tmp_path):
     from NetworkTrainer import read_manifest
 
