@@ -1,37 +1,19 @@
 """DatasetCreator.py - step 1 of 4: image pairs -> patch pairs and their target matrices, in shards.
 
-Pairs come from two kinds of source (either or both; folders comma separated):
-    --fire DIRS   FIRE-layout folders of real pairs: each pair's affine is fitted (least squares)
-                  to its control points, its residual reported; pairs whose translation exceeds
-                  MAX_TRANSLATION of the side are skipped; each is sampled REAL_REPEATS times.
-    --photos DIRS single photographs (and skimage.data.retina() when --retina true): each makes
-                  PAIRS_PER_PHOTO pairs by synthetic motion (``synthetic_pair``): the retina moves
-                  by a known random affine plus a small smooth distortion beneath a camera
-                  aperture that stays put (both views sample inside the photograph's own field of
-                  view, so its border never shows), with photometric change on each view and
-                  lesions or a rim flare on some moving views.
+Sources (either or both; folders comma separated): --fire DIRS, FIRE-layout folders of REAL pairs
+(each pair's affine fitted to its control points; each sampled REAL_REPEATS times), and --photos
+DIRS, single photographs (and skimage.data.retina()) moved by a known random affine plus a small
+smooth distortion beneath a camera aperture that stays put, with photometric change on each view
+and lesions or a rim flare on some (``synthetic_pair``). From each pair, SAMPLES_PER_PAIR patch
+pairs of PATCH_SIZE px, the way registrar.NetRegistrar sees them: both whole images as squares,
+the moving one as it is or pre-warped by a random estimate. Each target is
+``fixedpatch_from_movingpatch`` in normalised patch coordinates (Network.py). Output (OUT): shards
+``<split>-NNNN-x.npy`` / ``-y.npy`` and ``manifest.json``, split by source, each shard written
+under a temporary name and listed only once complete (a rerun skips finished shards).
 
---write-sample DIR writes SAMPLE_PAIRS such synthetic pairs as a FIRE-layout folder instead (how
-data/sample was made: ``python DatasetCreator.py --write-sample data/sample --synth-size 768``).
---write-moved DIR writes harder REAL pairs for testing, also as a FIRE-layout folder: each S pair
-of the --fire folders, MOVES_PER_PAIR times, as crops of both captures under one round aperture
-with the moving crop moved by a large motion (``moved_pair``): real appearance change, P motion.
-
-From each pair, SAMPLES_PER_PAIR patch pairs of PATCH_SIZE px are cut at the SAME place of the
-fixed and moving views, the way registrar.NetRegistrar will see them:
-    coarse samples: both whole images as PATCH_SIZE squares (common.square_view); the moving one
-        either as it is (the first look, large motion: sample 0 of every pair) or pre-warped by a
-        random estimate, far from or near the truth (what later iterations see);
-    fine samples (1 - COARSE_SHARE of them; none by default, since the default fine stage of
-        registrar.NetRegistrar is phase correlation, not the network): views of FINE_SIZE_MIN..
-        FINE_SIZE_MAX px, the moving one pre-warped close to the fixed one, patches inside the
-        fixed field of view (rejecting any that reaches outside).
-Each target is ``fixedpatch_from_movingpatch`` in normalised patch coordinates (Network.py).
-
-Output (OUT): shards ``<split>-NNNN-x.npy`` (N, P, P, 2) uint8 [fixed, moving] and
-``<split>-NNNN-y.npy`` (N, 2, 3) float32, plus ``manifest.json``. Train/validation split is by
-source photograph / pair, never one pair on both sides. Each shard is written under a temporary
-name then renamed, and listed in the manifest only once complete: rerunning skips finished shards.
+--write-sample DIR writes synthetic pairs as a FIRE-layout folder instead (data/sample:
+``--write-sample data/sample --synth-size 768``); --write-moved DIR writes the --fire folders'
+S pairs moved apart under one aperture (real appearance change, P motion), for testing.
 """
 
 import hashlib

@@ -1,28 +1,16 @@
 """Network.py - step 2 of 4: the registration network.
 
-The network is the prototype's STN-like localisation network made light and made to match:
-    encoder: by default (CORRELATION_RADIUS = -1) a siamese encoder, the same convolutions over
-        the fixed and over the moving patch, to 1/4 resolution; a global cost volume (every fixed
-        cell against every moving cell, one matrix product) and its soft-argmax read-out, the
-        displacement of every fixed cell; further convolutions over the cost volume.
-        CORRELATION_RADIUS = 0 is the prototype's early fusion (the two patches stacked as two
-        channels into one encoder); r > 0 a local cost volume of radius r.
-    heads: three PARALLEL fully connected heads, translation (a02, a12), scale (a00, a11) and
-        rotation (a01, a10), whose last layers start at the identity transform (the prototype's);
-        they see the convolutional features and the displacements.
-    A fourth output, ``matrix``, assembles the heads into the 2x3 matrix.
+The prototype's STN-like localisation network, made light and made to match: a siamese encoder
+(the same convolutions over the fixed and the moving patch, to 1/4 resolution), a global cost
+volume (every fixed cell against every moving cell) read out by a soft-argmax into each cell's
+displacement, more convolutions, and the prototype's three PARALLEL heads, translation (a02, a12),
+scale (a00, a11) and rotation (a01, a10), starting at the identity; a fourth output, ``matrix``,
+assembles them. CORRELATION_RADIUS = 0 is the prototype's early fusion (two stacked channels).
 
-Convention of the network's output:
-    ``matrix`` is ``fixedpatch_from_movingpatch`` in NORMALISED patch coordinates: (x, y) of a
-    pixel centre mapped to [-1, 1] by ``common.norm_from_pixels(size)`` (so identity is
-    [[1, 0, 0], [0, 1, 0]] whatever the patch size, and translation is in half-patch units).
-    ``registrar.NetRegistrar`` turns it into ``fixed_from_moving`` in the caller's file pixels.
-
-How a pair is registered with it (coarse network passes, then a fine stage of patches,
-a confidence and retries) is ``registrar.py``.
-
-Run ``python Network.py`` to print the default network's parameter count and CPU time per patch,
-in Keras and in LiteRT (``matrix_function``, what registration runs).
+Convention: ``matrix`` is ``fixedpatch_from_movingpatch`` in NORMALISED patch coordinates (pixel
+centres mapped to [-1, 1] by ``common.norm_from_pixels(size)``: the identity whatever the size).
+registrar.py turns it into ``fixed_from_moving`` in the caller's pixels and runs it in LiteRT
+(``matrix_function``). ``python Network.py`` prints the parameter count and the CPU time per patch.
 """
 
 import functools

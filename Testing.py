@@ -1,42 +1,19 @@
 """Testing.py - step 4 of 4: register pairs and measure them by the FIRE protocol.
 
-    python Testing.py --data DIR --method net --out OUT          # a FIRE-layout folder
-    python Testing.py --data DIR --method net,sift,orb,ecc --out OUT   # several, side by side
-    python Testing.py --fixed F.jpg --moving M.jpg --out OUT     # any one pair
+    python Testing.py --data DIR --method net,sift,orb,ecc --out OUT   # a FIRE-layout folder
+    python Testing.py --fixed F.jpg --moving M.jpg --out OUT           # any one pair
+    ... --transform quadratic     # every method fits the curved retina's quadratic, not an affine
 
-METHOD: ``net`` (the model MODEL), a path to a ``.keras`` model, or a classical baseline ``sift``,
-``orb``, ``ecc`` (classical.py). Every method gets the same clock: ``seconds`` runs from both
-images decoded in memory (common.read_image) to the matrix, models loaded and warmed up before,
-and the same number of CPU threads (THREADS) for OpenCV and TensorFlow (NumPy's BLAS one:
-set_threads). Several methods run pair by pair in turn, each first on as many pairs as the others,
-so that a busy moment of the machine slows them all alike (evaluate_folder).
-
-Outputs of ``--data`` (per method; in OUT/<method>/ when several are given):
-    per_pair.csv   pair, category, error_px, seconds, m00..m12, confidence, inaccurate, reason
-                   (the matrix is fixed_from_moving: moving-image pixels -> fixed-image pixels of
-                   the files as given; empty cells where registration failed). Rows are written as
-                   pairs finish; a rerun with RESUME keeps the rows already there when they
-                   were made with the same settings (settings.json: data, method, threads, the
-                   code's and the model's content, the procedure's or the classical method's
-                   settings), and redoes them otherwise.
-    summary.json   n_pairs, mAUC, AUC_S, AUC_P, AUC_A, median_error_px, failed, inaccurate, bad,
-                   low_confidence, bad_and_low_confidence, median_seconds, p90_seconds, threads.
-                   AUC = area under the success-rate curve (share of pairs with error <= t) for
-                   t in 0..25 px; mAUC = mean over the categories present; failed = no matrix;
-                   inaccurate = max error > 50 px or median error > 20 px; error = mean distance
-                   of the fixed control points to the moving ones mapped by the matrix, in
-                   full-resolution pixels; bad = failed, inaccurate or error > BAD_PX;
-                   low_confidence = confidence < LOW_CONFIDENCE (each method's own confidence:
-                   net, agreement of its patches; sift/orb, RANSAC inliers; ecc, correlation).
-    figures/<pair>.png   fixed, moving, warped moving; overlay with the control points,
-                   checkerboard of fixed and warped tiles, and a zoom into it (pair_figure);
-    success_rate.png, confidence.png (confidence against error).
-With several methods, also OUT/comparison.md, OUT/comparison.csv and OUT/success_rate.png.
-The run ends by printing each folder and the files written there.
-Outputs of ``--fixed/--moving``: OUT/result.json, OUT/warped.png (the moving image laid over the
-fixed one), OUT/overlay.png (fixed magenta, warped green), OUT/checkerboard.png (tiles of fixed
-and warped in turn: vessels unbroken across tile edges = aligned); one line printed: the matrix,
-the confidence, the milliseconds and the folder with its files.
+METHOD: ``net`` (the model MODEL), a ``.keras`` model's path, or ``sift``, ``orb``, ``ecc``
+(classical.py). Every method gets the same clock (from both images decoded to the transform, models
+loaded and warmed up before) and the same threads; several run pair by pair in turn.
+A folder gives OUT/per_pair.csv (each pair's error, time, transform and confidence; rows kept on
+a rerun made with the same settings.json), summary.json (FIRE's AUC per category and their mean,
+median error, failed, inaccurate, bad, low-confidence counts, median and p90 seconds),
+success_rate.png, confidence.png and figures/<pair>.png; with several methods one folder each and
+OUT/comparison.md. One pair gives OUT/result.json, warped.png, overlay.png and checkerboard.png.
+README.md says what each file holds; the error is FIRE's (the mean distance of the fixed control
+points to the moving ones mapped, in file pixels).
 """
 
 import csv
@@ -53,7 +30,11 @@ from threadpoolctl import threadpool_limits
 
 from common import (
     AUC_MAX_PX,
+    MODELS,
     InputError,
+    Transform,
+    apply_affine,
+    as_transform,
     cli,
     equalise,
     exit_on_input_error,
@@ -71,6 +52,7 @@ DATA = "data/sample"  # FIRE-layout folder (ignored when FIXED and MOVING are gi
 FIXED = ""
 MOVING = ""
 METHOD = "net"  # comma-separated: net, a .keras path, sift, orb, ecc
+TRANSFORM = "affine"  # the model every method fits: affine, or quadratic (common.Transform)
 MODEL = "models/fundusreg.keras"
 OUT = "results/sample"
 THREADS = 2
@@ -88,6 +70,7 @@ AGREE_PX = 3.0  # net confidence: share of fine patches within this many px of t
 RETRY_BELOW = 0.5  # net: below this confidence, retry (patches from the identity, other starts)
 RETRY_SHIFT = 0.25  # net: the shifted starts move the moving image by this share of its side
 RETRY_ROTATION = 20.0  # net: then starts turned by this many degrees both ways, alone and shifted
+RETRY_SIZE = 96  # net: a retry's patch passes begin with one at this view size (0 = none)
 KEEP_FINER_ABOVE = 0.5  # net: a pass finer than 384 px is kept only if this share of patches agree
 FLATTEN = True  # net: patches less their best-fitting plane before phase correlation
 WEIGHTED = True  # net: patches weigh in the fit by the square of their correlation peak
@@ -95,6 +78,8 @@ REPEAT_ABOVE = 0.125  # net: a pass that moves a patch more than this share of i
 ZOOM_AT_OVERLAP = True  # net: the zoomed passes look where both fields of view overlap
 JITTER = 0.0  # net: px of noise added to each network translation (measures chance; 0 = none)
 JITTER_SEED = 0
+QUADRATIC_PATCHES = 12  # net: a pass fits the quadratic only with at least this many patches
+MISFIT_PX = 25.0  # net: an affine this far from the patches' quadratic (file px) is doubted
 SIFT_SIDE = 512  # sift: the working size (longest side, px) and the keypoints kept (classical.py)
 SIFT_FEATURES = 2000
 ORB_SIDE = 384  # orb: the same, and the levels of its pyramid
@@ -114,6 +99,7 @@ NET_SETTINGS = (  # the constants above that NetRegistrar takes, each as its low
     "RETRY_BELOW",
     "RETRY_SHIFT",
     "RETRY_ROTATION",
+    "RETRY_SIZE",
     "KEEP_FINER_ABOVE",
     "FLATTEN",
     "WEIGHTED",
@@ -121,17 +107,21 @@ NET_SETTINGS = (  # the constants above that NetRegistrar takes, each as its low
     "ZOOM_AT_OVERLAP",
     "JITTER",
     "JITTER_SEED",
+    "TRANSFORM",
+    "QUADRATIC_PATCHES",
+    "MISFIT_PX",
 )
 LOW_CONFIDENCE = 0.5  # a registration below this confidence is counted as low_confidence
 BAD_PX = 25.0  # a registration with a larger FIRE error (or failed, or inaccurate) is bad
 
-COLUMNS = ["pair", "category", "error_px", "seconds", "m00", "m01", "m02", "m10", "m11", "m12"]
+MATRIX = [f"m{i}{j}" for i in range(2) for j in range(6)]  # a Transform's 2x6 (2x3: affine)
+COLUMNS = ["pair", "category", "error_px", "seconds", "transform", *MATRIX]
 COLUMNS += ["confidence", "inaccurate", "reason"]
 CLASSICAL = ("sift", "orb", "ecc")
 CLASSICAL_SETTINGS = {  # the constants above that each classical method takes: ORB_SIDE -> side
-    "sift": ("SIFT_SIDE", "SIFT_FEATURES"),
-    "orb": ("ORB_SIDE", "ORB_FEATURES", "ORB_LEVELS"),
-    "ecc": ("ECC_SIDE",),
+    "sift": ("SIFT_SIDE", "SIFT_FEATURES", "TRANSFORM"),
+    "orb": ("ORB_SIDE", "ORB_FEATURES", "ORB_LEVELS", "TRANSFORM"),
+    "ecc": ("ECC_SIDE", "TRANSFORM"),
 }
 
 
@@ -197,11 +187,12 @@ def overlay(fixed, warped):
 
 
 def warp_to_fixed(fixed, moving, fixed_from_moving):
-    """The moving image laid over the fixed one, both as decoded (GreyImage) pixels."""
-    a = fixed.decoded_from_file @ np.vstack([fixed_from_moving, [0, 0, 1]])
-    a = a @ np.linalg.inv(moving.decoded_from_file)
-    h, w = fixed.pixels.shape
-    return cv2.warpAffine(moving.pixels, a[:2], (w, h))
+    """The moving image laid over the fixed one, both as decoded (GreyImage) pixels
+    (``fixed_from_moving``: a Transform in file pixels)."""
+    decoded = as_transform(fixed_from_moving).compose(
+        fixed.decoded_from_file, np.linalg.inv(moving.decoded_from_file)
+    )
+    return decoded.warp(moving.pixels, fixed.pixels.shape)
 
 
 def checkerboard(fixed, warped, tiles=8):
@@ -264,13 +255,9 @@ def pair_figure(path, fixed, moving, result, points=None, title=""):
         zoom = board[top : top + side, left : left + side]
         axes[5].imshow(zoom, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         if points is not None:
-            from common import apply_affine
-
             scale = fixed.decoded_from_file
             ref = apply_affine(scale, points[:, :2])
-            mapped = apply_affine(
-                scale @ np.vstack([result.fixed_from_moving, [0, 0, 1]]), points[:, 2:]
-            )
+            mapped = apply_affine(scale, result.fixed_from_moving(points[:, 2:]))
             axes[3].plot(ref[:, 0], ref[:, 1], "o", mfc="none", mec="yellow", label="fixed points")
             axes[3].plot(
                 mapped[:, 0], mapped[:, 1], "+", color="cyan", label="moving points mapped"
@@ -296,8 +283,8 @@ def misalignment_figure(result_json, path="docs/checkerboard.png", shift_px=3.0)
 
     result = json.loads(Path(result_json).read_text())
     fixed, moving = read_image(result["fixed"]), read_image(result["moving"])
-    registered = np.array(result["fixed_from_moving"])
-    moved = (translation(0, shift_px) @ np.vstack([registered, [0, 0, 1]]))[:2]
+    registered = Transform(result["fixed_from_moving"])
+    moved = registered.compose(left=translation(0, shift_px))
     top, left, side = zoom_box(fixed.pixels, warp_to_fixed(fixed, moving, registered))
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(15, 8), layout="constrained")
@@ -427,7 +414,9 @@ def evaluate_pair(item, images, register, out, figures):
         row["reason"] = result.reason or "registration failed"
     else:
         m = result.fixed_from_moving
-        row.update({f"m{i}{j}": f"{m[i, j]:.6f}" for i in range(2) for j in range(3)})
+        row["transform"] = m.model
+        for (i, j), v in np.ndenumerate(m.matrix):  # the affine columns, then the quadratic's
+            row[f"m{i}{j}"] = f"{v:.6f}" if j < 3 else f"{v:.6e}"
         row["error_px"] = f"{fire_error(m, item.points):.4f}"
         row["inaccurate"] = str(is_inaccurate(m, item.points))
     if figures:
@@ -473,8 +462,9 @@ def summarise(rows, threads, low_confidence=LOW_CONFIDENCE, bad_px=BAD_PX):
 
 
 def method_settings(name, args):
-    """A classical method's keyword arguments from its CLASSICAL_SETTINGS: ORB_SIDE -> side."""
-    return {key.split("_", 1)[1].lower(): getattr(args, key) for key in CLASSICAL_SETTINGS[name]}
+    """A classical method's keyword arguments from its CLASSICAL_SETTINGS: ORB_SIDE -> side,
+    TRANSFORM -> transform."""
+    return {key.split("_", 1)[-1].lower(): getattr(args, key) for key in CLASSICAL_SETTINGS[name]}
 
 
 def run_settings(name, args):
@@ -686,12 +676,12 @@ def run_pair(args, methods):
             "method": label,
             "fixed": str(args.FIXED),
             "moving": str(args.MOVING),
-            "fixed_from_moving": m.tolist(),
+            "transform": m.model,
+            "fixed_from_moving": m.matrix.tolist(),
             "confidence": result.confidence,
             "seconds": seconds,
             "threads": args.THREADS,
-            "convention": "maps (x, y) pixels of the moving file to pixels of the fixed file; "
-            "cv2.warpAffine(moving, M, fixed_size) lays moving over fixed",
+            "convention": CONVENTION[m.model],
         },
     )
     warped = warp_to_fixed(fixed, moving, m)  # in the fixed image's decoded pixels
@@ -706,14 +696,30 @@ def run_pair(args, methods):
     low = result.confidence < args.LOW_CONFIDENCE
     doubt = " (low: the result is probably wrong)" if low else ""
     print(
-        f"fixed_from_moving {json.dumps(np.round(m, 4).tolist())}; "
+        f"fixed_from_moving ({m.model}) {json.dumps(rounded(m.matrix))}; "
         f"confidence {result.confidence:.2f}{doubt}; {seconds * 1000:.1f} ms -> "
         + written(out, ["result.json", *images])
     )
 
 
+CONVENTION = {  # result.json's note on its matrix (common.Transform)
+    "affine": "M maps (x, y) pixels of the moving file to pixels of the fixed file: "
+    "M @ [x, y, 1]; cv2.warpAffine(moving, M, fixed_size) lays moving over fixed",
+    "quadratic": "M maps (x, y) pixels of the moving file to pixels of the fixed file: "
+    "M @ [x, y, 1, x*x, x*y, y*y]; common.Transform(M).warp lays moving over fixed",
+}
+
+
+def rounded(matrix):
+    """A Transform's matrix as nested lists for one printed line: its affine columns to 4
+    decimals, its quadratic ones to 4 significant digits."""
+    return [[round(v, 4) if j < 3 else float(f"{v:.4g}") for j, v in enumerate(r)] for r in matrix]
+
+
 def main(args):
     methods = list(dict.fromkeys(m.strip() for m in args.METHOD.split(",") if m.strip()))
+    if args.TRANSFORM not in MODELS:
+        raise InputError("--transform", f"must be {' or '.join(MODELS)}, not {args.TRANSFORM!r}")
     if bool(args.FIXED) != bool(args.MOVING):
         raise InputError("--fixed/--moving", "give both images of the pair")
     if args.FIXED:

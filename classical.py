@@ -1,22 +1,18 @@
 """Classical registration baselines (OpenCV): SIFT and ORB with RANSAC, and pyramid ECC.
 
-Convention: that of common.py. Points are (x, y) with OpenCV pixel centres; every method returns a
-``Registration`` whose ``fixed_from_moving`` (2x3) maps moving-file pixels to fixed-file pixels,
-i.e. the ``M`` of ``cv2.warpAffine(moving, M, fixed_size)``. Each method works on a reduced copy
-of each image (the "work" frame: longest side ``SIFT_SIDE``, ``ORB_SIDE`` or ``ECC_SIDE``) and
-converts back with
-    ``fixed_from_moving = inv(work_from_fixed_file) @ A_work @ work_from_moving_file``,
-    ``work_from_file = scale_matrix(...) @ decoded_from_file``.
-
+Every method returns a ``Registration`` whose ``fixed_from_moving`` maps moving-file pixels to
+fixed-file pixels (common.py's convention): an affine, or with ``transform="quadratic"`` (SIFT,
+ORB) the quadratic through RANSAC's inliers; ECC aligns an affine only, and says so. Each works on
+a reduced copy of each image (the "work" frame: longest side SIFT_SIDE, ORB_SIDE or ECC_SIDE) and
+converts back with ``Transform.compose(inv(work_from_fixed_file), work_from_moving_file)``.
 Failures (too few features or inliers, a degenerate matrix, ECC not converging) are returned as
-``Registration(None, 0.0, reason)``; nothing here raises because of image content. Thread count
-is left to the caller (``cv2.setNumThreads``).
+``Registration(None, 0.0, reason)``; nothing here raises because of image content.
 """
 
 import cv2
 import numpy as np
 
-from common import Registration, fov_mask, scale_matrix, to3x3
+from common import MODELS, Registration, fit_transform, fov_mask, scale_matrix, to3x3
 
 # Preprocessing
 CLAHE_CLIP = 3.0  # CLAHE clip limit, on tiles of about CLAHE_TILE_PX work pixels
@@ -35,6 +31,7 @@ RANSAC_PX = 5.0  # inlier threshold in work pixels (loose: the retina is not exa
 RANSAC_ITERS = 5000
 REFINE_ITERS = 10  # Levenberg-Marquardt refit on the inliers
 MIN_INLIERS = 8
+QUADRATIC_INLIERS = 12  # transform quadratic: fewer inliers leave the affine
 
 # ECC
 ECC_SIDE = 384  # finest ECC level (longest side, px); the pyramid halves it down to ECC_COARSE_SIDE
@@ -80,8 +77,9 @@ def _to_file(a_work, work_from_fixed, work_from_moving):
     return a
 
 
-def _register_features(fixed, moving, detector, norm, side):
-    """Detect + describe in both work images, ratio-test the matches, RANSAC an affine."""
+def _register_features(fixed, moving, detector, norm, side, transform="affine"):
+    """Detect + describe in both work images, ratio-test the matches, RANSAC an affine; with
+    ``transform`` quadratic, then the quadratic through its inliers (_quadratic)."""
     found = []
     for image in (fixed, moving):
         pixels, mask, work_from_file = _prepare(image, side, RIM_ERODE)
@@ -111,21 +109,46 @@ def _register_features(fixed, moving, detector, norm, side):
     a = _to_file(a_work, wf, wm)
     if a is None:
         return Registration(None, 0.0, "RANSAC gave an implausible (degenerate) affine")
+    if transform not in MODELS:
+        raise ValueError(f"transform must be {' or '.join(MODELS)}, not {transform!r}")
+    if transform == "quadratic":
+        q = _quadratic(src, dst, inliers.ravel() > 0)
+        if q is not None:  # its confidence from its own inliers
+            a, count = q[0].compose(np.linalg.inv(wf), wm), int(q[1].sum())
     confidence = (count / len(good)) * min(1.0, count / (4 * MIN_INLIERS))
     return Registration(a, float(confidence), None)
 
 
-def register_sift(fixed, moving, side=SIFT_SIDE, features=SIFT_FEATURES):
-    """SIFT keypoints + Lowe ratio test + RANSAC affine, at a longest side of ``side`` px."""
+def _quadratic(src, dst, inliers):
+    """The quadratic (work pixels) through RANSAC's inliers, then once more through the matches
+    it leaves within RANSAC_PX (where the retina bends away from the affine, RANSAC's affine
+    leaves good matches out). Returns (the fit, the matches within RANSAC_PX of it), or None
+    (the affine stands) with fewer than QUADRATIC_INLIERS."""
+    for _ in range(2):
+        if inliers.sum() < QUADRATIC_INLIERS:
+            return None
+        try:
+            fit, _ = fit_transform(src[inliers], dst[inliers], "quadratic")
+        except ValueError:  # the inliers lie on one conic
+            return None
+        inliers = np.linalg.norm(fit(src) - dst, axis=1) <= RANSAC_PX
+    return fit, inliers
+
+
+def register_sift(fixed, moving, side=SIFT_SIDE, features=SIFT_FEATURES, transform="affine"):
+    """SIFT keypoints + Lowe ratio test + RANSAC affine (then, with ``transform`` quadratic, the
+    quadratic through its inliers), at a longest side of ``side`` px."""
     sift = cv2.SIFT_create(features, contrastThreshold=SIFT_CONTRAST)
-    return _register_features(fixed, moving, sift, cv2.NORM_L2, side)
+    return _register_features(fixed, moving, sift, cv2.NORM_L2, side, transform)
 
 
-def register_orb(fixed, moving, side=ORB_SIDE, features=ORB_FEATURES, levels=ORB_LEVELS):
-    """ORB keypoints + ratio test on Hamming distances + RANSAC affine, at a longest side of
-    ``side`` px."""
+def register_orb(
+    fixed, moving, side=ORB_SIDE, features=ORB_FEATURES, levels=ORB_LEVELS, transform="affine"
+):
+    """ORB keypoints + ratio test on Hamming distances + RANSAC affine (then, with ``transform``
+    quadratic, the quadratic through its inliers), at a longest side of ``side`` px."""
     orb = cv2.ORB_create(features, nlevels=levels)
-    return _register_features(fixed, moving, orb, cv2.NORM_HAMMING, side)
+    return _register_features(fixed, moving, orb, cv2.NORM_HAMMING, side, transform)
 
 
 def _ecc_levels(fixed, moving, side):
@@ -161,9 +184,10 @@ def edges(pixels, mask):
     return magnitude, cv2.erode(mask, np.ones((5, 5), np.uint8))
 
 
-def register_ecc(fixed, moving, side=ECC_SIDE):
+def register_ecc(fixed, moving, side=ECC_SIDE, transform="affine"):
     """Coarse-to-fine ECC from the identity, with field-of-view masks on both images, up to a
-    longest side of ``side`` px."""
+    longest side of ``side`` px. An affine whatever ``transform`` asks: OpenCV's ECC aligns
+    intensities under an affine or a homography only (the result says which model it holds)."""
     criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, ECC_ITERS, ECC_EPS)
     warp, frames, rho = np.eye(3), None, 0.0  # warp: moving_from_fixed in the current level
     for f_img, f_mask, wf, m_img, m_mask, wm, motion in _ecc_levels(fixed, moving, side):

@@ -1,4 +1,4 @@
-"""Shared pieces of the four scripts: image reading, the FIRE layout, affine geometry, metrics, CLI.
+"""Shared pieces of the four scripts: image reading, the FIRE layout, geometry, metrics, the CLI.
 
 Convention (used everywhere in this repository):
     Points are (x, y): x is the column, y the row, in pixels, origin at the centre of the top-left
@@ -6,8 +6,10 @@ Convention (used everywhere in this repository):
     ``b``: ``[x_b, y_b] = b_from_a @ [x_a, y_a, 1]``. 2x3 matrices are affine transforms; 3x3 ones
     are the same with the row ``[0, 0, 1]`` appended so they compose by ``@``.
     ``fixed_from_moving`` maps moving-image pixels to fixed-image pixels of the files as given
-    (full resolution). It is exactly the ``M`` of ``cv2.warpAffine(moving, M, fixed_size)``, which
-    lays the moving image over the fixed one.
+    (full resolution). As an affine it is exactly the ``M`` of ``cv2.warpAffine(moving, M,
+    fixed_size)``, which lays the moving image over the fixed one; as a quadratic it is the 2x6
+    ``M`` of ``[x', y'] = M @ [x, y, 1, xx, xy, yy]`` (class Transform, which maps, inverts,
+    composes and warps either).
 """
 
 import argparse
@@ -205,13 +207,18 @@ def fov_mask(grey, threshold=10):
 class Registration:
     """What every method returns: a failure is a value (matrix None, reason set), not a crash.
 
-    fixed_from_moving: 2x3 in file pixels (see the module's convention), or None when it failed.
+    fixed_from_moving: a Transform in file pixels (see the module's convention; an affine's 2x3
+        matrix is taken as one), or None when it failed.
     confidence: in [0, 1], low when the method doubts its result (e.g. share of RANSAC inliers).
     """
 
-    fixed_from_moving: np.ndarray = None
+    fixed_from_moving: "Transform" = None
     confidence: float = 0.0
     reason: str = None
+
+    def __post_init__(self):
+        if self.fixed_from_moving is not None:
+            self.fixed_from_moving = as_transform(self.fixed_from_moving)
 
 
 _CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
@@ -298,6 +305,191 @@ def fit_affine(src, dst, weights=None):
         raise ValueError("points do not define an affine transform")
     miss = apply_affine(fit, src) - dst
     return fit, np.sqrt(np.add.reduce(miss * miss, axis=1))  # (np.linalg.norm: slow)
+
+
+MODELS = ("affine", "quadratic")  # the models a Transform holds (Testing.py --transform)
+
+
+class Transform:
+    """A map of (x, y) points by one of MODELS. In a Registration it is ``fixed_from_moving``:
+    moving-file pixels to fixed-file pixels (the module's convention), with
+
+        affine      [x', y'] = M @ [x, y, 1]                          M: 2x3
+        quadratic   [x', y'] = M @ [x, y, 1, x * x, x * y, y * y]     M: 2x6
+
+    ``matrix`` is M. The quadratic is retinal registration's 12-parameter transform (Can et al.:
+    a spherical retina seen by a weak-perspective camera, the map between two views of it when
+    the eye turns); its first three columns are an affine, the last three bend it. scikit-image's
+    ``PolynomialTransform`` (order 2) takes the same 12 numbers in the order 1, x, y, xx, xy, yy.
+
+    Calling it maps points; ``inverse`` maps fixed points back (Newton's method for the
+    quadratic, which has no closed-form inverse); ``compose`` puts affine frames (3x3) on either
+    side; ``warp`` lays a moving image over the fixed one (cv2.warpAffine, cv2.remap for the
+    quadratic). Code that registers, scores or draws takes a Transform and never asks its model.
+    """
+
+    def __init__(self, matrix):
+        m = np.array(matrix, np.float64)
+        if m.shape == (3, 3) and not np.array_equal(m[2], [0.0, 0.0, 1.0]):
+            raise ValueError("a 3x3 matrix whose last row is not [0, 0, 1] is not an affine")
+        m = m[:2] if m.shape == (3, 3) else m
+        if m.shape not in ((2, 3), (2, 6)):
+            raise ValueError(f"a transform is a 2x3 (affine) or 2x6 (quadratic) matrix: {m.shape}")
+        self.matrix = m
+        self.model = MODELS[m.shape[1] == 6]
+
+    def __repr__(self):
+        return f"Transform({self.model}, {np.round(self.matrix, 6).tolist()})"
+
+    def __call__(self, points):
+        """(N, 2) points -> (N, 2) points."""
+        p = np.asarray(points, np.float64).reshape(-1, 2)
+        out = p @ self.matrix[:, :2].T + self.matrix[:, 2]
+        if self.model == "quadratic":
+            x, y = p[:, 0], p[:, 1]
+            out += np.stack([x * x, x * y, y * y], 1) @ self.matrix[:, 3:].T
+        return out
+
+    def jacobian(self, points):
+        """(N, 2, 2): d(x', y') / d(x, y) at each point."""
+        p = np.asarray(points, np.float64).reshape(-1, 2)
+        jac = np.repeat(self.matrix[None, :, :2], len(p), axis=0)
+        if self.model == "quadratic":
+            x, y = p[:, 0, None], p[:, 1, None]
+            m = self.matrix
+            jac[:, :, 0] += 2 * m[:, 3] * x + m[:, 4] * y
+            jac[:, :, 1] += m[:, 4] * x + 2 * m[:, 5] * y
+        return jac
+
+    def inverse(self, points, tolerance=1e-4, iterations=20):
+        """(N, 2) fixed points -> the moving points that map onto them: exact for an affine;
+        for a quadratic, Newton's method from the affine part's inverse, until no point moves by
+        more than ``tolerance`` px (a few steps where it bends by tens of pixels). Where the
+        quadratic folds (its Jacobian singular: far outside the region it was fitted on), NaN."""
+        q = np.asarray(points, np.float64).reshape(-1, 2)
+        p = apply_affine(np.linalg.inv(to3x3(self.matrix[:, :3])), q)
+        if self.model == "affine":
+            return p
+        (ax, bx, cx, dx, ex, fx), (ay, by, cy, dy, ey, fy) = self.matrix
+        x, y = p[:, 0].copy(), p[:, 1].copy()
+        with np.errstate(divide="ignore", invalid="ignore"):  # a fold: NaN, below
+            for _ in range(iterations):  # the map and its Jacobian written out: this runs on
+                # every patch pass of a quadratic, where NumPy's overhead per call counts
+                xx, xy, yy = x * x, x * y, y * y
+                rx = ax * x + bx * y + cx + dx * xx + ex * xy + fx * yy - q[:, 0]
+                ry = ay * x + by * y + cy + dy * xx + ey * xy + fy * yy - q[:, 1]
+                j00, j01 = ax + 2 * dx * x + ex * y, bx + ex * x + 2 * fx * y
+                j10, j11 = ay + 2 * dy * x + ey * y, by + ey * x + 2 * fy * y
+                det = j00 * j11 - j01 * j10
+                step_x, step_y = (j11 * rx - j01 * ry) / det, (j00 * ry - j10 * rx) / det
+                x -= step_x
+                y -= step_y
+                if not np.nanmax(np.abs(step_x) + np.abs(step_y), initial=0.0) > tolerance:
+                    break
+        p = np.stack([x, y], 1)
+        p[~(np.abs(self(p) - q) <= 10 * tolerance).all(axis=1)] = np.nan  # did not converge
+        return p
+
+    def local_inverse(self, points):
+        """(N, 3, 3): at each fixed point q, the affine that maps fixed points near q to moving
+        ones, exact at q (the inverse's first-order expansion there); an affine's own inverse."""
+        if self.model == "affine":
+            return np.broadcast_to(np.linalg.inv(to3x3(self.matrix)), (len(points), 3, 3)).copy()
+        q = np.asarray(points, np.float64).reshape(-1, 2)
+        p = self.inverse(q)
+        inv = np.linalg.inv(self.jacobian(p))
+        local = np.zeros((len(q), 3, 3))
+        local[:, :2, :2], local[:, 2, 2] = inv, 1.0
+        local[:, :2, 2] = p - np.einsum("nij,nj->ni", inv, q)
+        return local
+
+    def compose(self, left=None, right=None):
+        """``left`` after this transform after ``right`` (3x3 affines, either None): the transform
+        ``left @ M @ right`` where M is an affine's 3x3 matrix. It converts between frames, e.g.
+        from decoded to file pixels: ``t.compose(inv(fixed.decoded_from_file),
+        moving.decoded_from_file)``."""
+        left = np.eye(3) if left is None else to3x3(left)
+        right = np.eye(3) if right is None else to3x3(right)
+        if self.model == "affine":
+            return Transform(left @ to3x3(self.matrix) @ right)
+        # each output coordinate is z' H z with z = (x, y, 1) and H symmetric: z = R z' gives
+        # R' H R, and the left affine mixes the two H (and adds its shift to the constant)
+        h = np.zeros((2, 3, 3))
+        for i, (mx, my, m1, mxx, mxy, myy) in enumerate(self.matrix):
+            h[i] = [[mxx, mxy / 2, mx / 2], [mxy / 2, myy, my / 2], [mx / 2, my / 2, m1]]
+        h = right.T @ h @ right
+        h = np.einsum("ij,jkl->ikl", left[:2, :2], h)
+        h[:, 2, 2] += left[:2, 2]
+        return Transform(
+            np.stack(
+                [
+                    2 * h[:, 0, 2],
+                    2 * h[:, 1, 2],
+                    h[:, 2, 2],
+                    h[:, 0, 0],
+                    2 * h[:, 0, 1],
+                    h[:, 1, 1],
+                ],
+                1,
+            )  # fmt: skip
+        )
+
+    def warp(self, moving, shape):
+        """The moving image (H', W') laid over the fixed one, of ``shape`` (H, W): pixel p of the
+        output shows moving at ``inverse(p)`` (this transform maps moving pixels to fixed ones in
+        the images' own pixels; compose it with their frames first). Outside moving: 0."""
+        h, w = shape[:2]
+        if self.model == "affine":
+            return cv2.warpAffine(moving, self.matrix, (w, h))
+        # the inverse on every 8th pixel, interpolated bilinearly in between (by cv2.remap itself:
+        # node k of the coarse map is pixel 8 k), within 1e-3 px of the inverse at every pixel
+        step = 8
+        ys, xs = np.mgrid[0 : h + step : step, 0 : w + step : step]
+        nodes = self.inverse(np.stack([xs.ravel(), ys.ravel()], 1))
+        nodes = np.nan_to_num(nodes, nan=-1e6).reshape(*xs.shape, 2).astype(np.float32)
+        grid_x = np.broadcast_to(np.arange(w, dtype=np.float32) / step, (h, w))
+        grid_y = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None] / step, (h, w))
+        where = cv2.remap(nodes, np.ascontiguousarray(grid_x), np.ascontiguousarray(grid_y),
+                          cv2.INTER_LINEAR)  # fmt: skip
+        return cv2.remap(moving, where[..., 0], where[..., 1], cv2.INTER_LINEAR)
+
+
+def as_transform(t):
+    """A Transform from a Transform or a 2x3, 3x3 or 2x6 matrix."""
+    return t if isinstance(t, Transform) else Transform(t)
+
+
+def fit_transform(src, dst, model="affine", weights=None):
+    """Least-squares ``dst_from_src`` Transform of ``model`` and each point's residual distance
+    (weights as fit_affine's). Raises ValueError when the points do not define one: an affine
+    needs 3 points not on a line, a quadratic 6 not on one conic. The quadratic is fitted in
+    coordinates centred and scaled by the points' spread (x * x of a pixel coordinate is in the
+    millions: the design would be ill-conditioned) and brought back by ``compose``."""
+    if model == "affine":
+        fit, residual = fit_affine(src, dst, weights)
+        return Transform(fit), residual
+    if model != "quadratic":
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if len(src) < 6:
+        raise ValueError(f"need at least 6 point pairs for a quadratic, got {len(src)}")
+    centre = src.mean(axis=0)
+    spread = max(np.sqrt(((src - centre) ** 2).sum(axis=1).mean()), 1e-12)
+    norm_from_src = np.array([[1, 0, -centre[0]], [0, 1, -centre[1]], [0, 0, spread]]) / spread
+    n = apply_affine(norm_from_src, src)
+    x, y = n[:, 0], n[:, 1]
+    design = np.stack([x, y, np.ones_like(x), x * x, x * y, y * y], 1)
+    target = dst
+    if weights is not None:
+        root = np.sqrt(np.asarray(weights, np.float64))[:, None]
+        design, target = design * root, target * root
+    solution, _, _, singular = np.linalg.lstsq(design, target, rcond=None)
+    if not singular[-1] > 1e-8 * singular[0]:
+        raise ValueError("the points do not define a quadratic (they lie on one conic)")
+    fit = Transform(solution.T).compose(right=norm_from_src)
+    if not np.isfinite(fit.matrix).all():
+        raise ValueError("points do not define a quadratic transform")
+    return fit, np.linalg.norm(fit(src) - dst, axis=1)
 
 
 def local_from_global(fixed_from_moving, left, top):
@@ -388,10 +580,11 @@ def read_fire(root):
 
 
 def fire_error(fixed_from_moving, points):
-    """FIRE error: mean distance (px) from the fixed points to the moving points mapped by A."""
+    """FIRE error: mean distance (px) from the fixed points to the moving points mapped by
+    ``fixed_from_moving`` (a Transform, or an affine's matrix)."""
     if fixed_from_moving is None:
         return float("inf")
-    mapped = apply_affine(fixed_from_moving, points[:, 2:4])
+    mapped = as_transform(fixed_from_moving)(points[:, 2:4])
     return float(np.linalg.norm(mapped - points[:, 0:2], axis=1).mean())
 
 
@@ -406,7 +599,7 @@ def success_auc(errors, max_px=AUC_MAX_PX):
 
 def is_inaccurate(fixed_from_moving, points):
     """FIRE's 'inaccurate': max error > 50 px or median error > 20 px."""
-    mapped = apply_affine(fixed_from_moving, points[:, 2:4])
+    mapped = as_transform(fixed_from_moving)(points[:, 2:4])
     d = np.linalg.norm(mapped - points[:, 0:2], axis=1)
     return bool(d.max() > 50 or np.median(d) > 20)
 

@@ -1,71 +1,29 @@
 """registrar.py - how a trained network registers a pair of images (Network.py is the network).
 
-``NetRegistrar.register(fixed, moving)`` returns ``fixed_from_moving`` in file pixels, coarse to
-fine:
-    1. coarse, the network: both whole images as COARSE views (padded square, INPUT_SIZE px,
-       CLAHE; common.square_view); the network predicts the motion, the moving view is re-warped
-       by the estimate and the network predicts the residual, COARSE_ITERATIONS times.
-    2. zoomed, the network again: on 1/ZOOM of views ZOOM times as large (the same input size,
-       so ZOOM times finer), ZOOM_ITERATIONS times: the residual, more precisely. The crop is
-       centred where both fields of view overlap under the coarse estimate (ZOOM_AT_OVERLAP; at
-       the views' centre otherwise): after a motion of a third of the side, the central crops
-       share little retina.
-    3. fine, one pass per entry of FINE_SIZES: at a square view of that side, FINE_PATCHES patches
-       of FINE_PATCH px where both fields of view overlap (under the current estimate), on a
-       regular grid, made about twice as dense where fewer than DENSE_BELOW of them fit (a small
-       overlap, or a wide image's field of view in a square view), measure
-       their residual translation by phase correlation (REFINE = phase: OpenCV, closed form,
-       sub-pixel; each patch less its best-fitting plane first, FLATTEN) or by the network
-       (REFINE = net); each is taken back to view pixels (the prototype's ``t_global`` formula)
-       and ONE affine is fitted to them, robustly (AGGREGATE), each patch weighted by the square
-       of its correlation peak (WEIGHTED: a patch of plain background measures noise, one that
-       shows vessels in both images a shift; the weights are the inverse variances a least-
-       squares fit wants, and they give vessels the weight that SIFT's keypoints and FIRE's
-       control points, all on vessels, have). The passes go from coarse to fine:
-       a small view first, where a patch reaches a residual twice as large (the capture range of
-       the network's estimate), then larger ones for precision. A pass up to CONFIDENCE_SIZE
-       that moves a patch by more than REPEAT_ABOVE of its side is repeated once from its own
-       result: the correlation window weakens content shifted far, so a pass from a distant
-       start measures short and stops part of the way. A pass larger than the image
-       works at the image's own size. A pass finer than CONFIDENCE_SIZE is kept only if at least
-       KEEP_FINER_ABOVE of its patches agree with its fit (on a blurred image, small patches at
-       full resolution hold too little texture, and disagree).
-    4. confidence: the share of patches whose motion agrees with the fitted affine within
-       AGREE_PX px, in the pass at CONFIDENCE_SIZE (the last one at most that size), less the 3
-       that any affine fits, and out of at least a quarter of FINE_PATCHES (a result that only
-       a handful of patches support is not trusted; at 384 px a 40 % overlap holds 9 patches of
-       the regular grid, 29 of the denser one). Right, the patches tell one story; wrong, they
-       measure unrelated shifts and few agree. Not in a larger pass: there a 64 px patch covers
-       too little of the retina, many see no vessel, measure no shift, and so agree with a wrong
-       estimate as well as with a right one.
-    5. retry: below RETRY_BELOW, registration is retried until a result is confident, keeping the
-       most confident: first the fine stage from the identity (the network's guess can be wrong
-       where the images differ most in appearance, and a small motion is within the patches'
-       own reach), then the network from 8 starts shifted by RETRY_SHIFT of the side, 2 turned
-       by +-RETRY_ROTATION, and the 16 combinations of both (real pairs moved by half their side
-       can be out of the network's reach from the identity and from every shift alone). The
-       network's passes from these starts run in two batches (the shifts, then the rest); the
-       fine passes of each estimate run up to CONFIDENCE_SIZE only, and the finer ones
-       (precision, not confidence) once, from the most confident.
-       Without fine passes there is no retry, and the confidence is the normalised
-       cross-correlation of the coarse views (blind to errors of a pixel or two at 64 px).
+``NetRegistrar.register(fixed, moving)`` returns a Registration whose ``fixed_from_moving`` is a
+common.Transform in file pixels (an affine, or with TRANSFORM = quadratic the retina's 12-parameter
+quadratic), coarse to fine:
+    1. the network on both whole images (INPUT_SIZE px views), then on zoomed crops where both
+       fields of view overlap (ZOOM_ITERATIONS): an affine, to within the patches' reach;
+    2. patch passes at square views of FINE_SIZES px: FINE_PATCHES patches where both fields of
+       view overlap, each one's shift by phase correlation, one transform fitted to them
+       (weighted by the correlation peaks, trimmed); from the CONFIDENCE_SIZE pass on, the
+       quadratic where its patches agree with it at least as well as with an affine;
+    3. the confidence: the share of the CONFIDENCE_SIZE pass's patches that agree with the fit,
+       capped where an affine misses the patches' own quadratic by more than MISFIT_PX;
+    4. below RETRY_BELOW, retries from the identity and from 26 shifted and turned starts.
+docs/procedure.md tells each step, why it is there and what it gained.
 
-Frames (common.py's convention, 3x3 matrices named ``b_from_a``):
-    file: pixels of the file; image: its decoded pixels (``GreyImage.pixels``); level: an image
-    halved k times (cv2.resize, INTER_AREA); view: the image padded to a centred square and
-    scaled to S x S (``common.square_frame``); patch: a FINE_PATCH square whose top-left pixel
-    is (left, top) in the fixed view. The estimate carried between passes is
-    ``fixed_from_moving`` in IMAGE pixels; each pass works in its own fixed view.
+Frames (common.py's convention, 3x3 matrices named ``b_from_a``): file, image (decoded pixels),
+level (an image halved k times), view (padded to a centred square, S x S: common.square_frame),
+patch (a FINE_PATCH square at (left, top) of the fixed view). The estimate carried between passes
+is ``fixed_from_moving`` in IMAGE pixels; each pass works in its own fixed view. Patches are cut
+from the pyramid level nearest the pass's scale, one cv2.warpAffine each (for a quadratic, its
+inverse's first-order expansion at the patch's centre: a 64 px patch bends by hundredths of a
+pixel), so a pass costs the same on a 3000 px image as on a 768 px one.
 
-Patches are cut from the pyramid level nearest the pass's scale with cv2.warpAffine (a 64 px
-output each), never by warping whole views: a pass costs the same on a 3000 px image as on a
-768 px one, and no pixel is resampled twice.
-
-Threads: Testing.py calls ``Testing.set_threads(THREADS)`` before it builds a NetRegistrar: THREADS
-for OpenCV and TensorFlow, one for NumPy's BLAS (its products here are small, and a second
-OpenBLAS thread spins on the core that the network needs next). Code that uses NetRegistrar on
-its own should call it too: without it a network call took 2.0-2.2 ms between the other work
-instead of 1.2-1.5 ms (README, speed).
+Threads: callers should call ``Testing.set_threads(THREADS)`` first (one thread for NumPy's BLAS;
+its second thread spins on the core that the network needs next).
 """
 
 import functools
@@ -74,10 +32,13 @@ import cv2
 import numpy as np
 
 from common import (
+    MODELS,
     Registration,
+    Transform,
     apply_affine,
+    as_transform,
     equalise,
-    fit_affine,
+    fit_transform,
     fov_mask,
     global_from_local,
     norm_from_pixels,
@@ -110,6 +71,8 @@ RETRY_BELOW = 0.5  # under this confidence, retry: the patches from the identity
 # network from 26 shifted and turned starts (until one is confident)
 RETRY_SHIFT = 0.25  # 0 = no shifted starts
 RETRY_ROTATION = 20.0  # degrees: then starts turned both ways, alone and shifted (0 = none)
+RETRY_SIZE = 96  # a retry's fine passes begin with one at this view size (0 = none): twice the
+# capture range of the first (192 px) pass
 ZOOM_AT_OVERLAP = True  # the zoomed passes look at the overlap of both fields of view, not at the
 # centre of the views
 MASK_SIZE = 192  # side of the views in which the fields of view are found
@@ -117,6 +80,10 @@ JITTER = 0.0  # px: Gaussian noise of this size added to every translation the n
 # (pixels of its input; 0 = none), one stream from JITTER_SEED over a whole run (the same pairs in
 # the same order get the same noise): how much a result owes to chance (README)
 JITTER_SEED = 0
+TRANSFORM = "affine"  # the model fitted to the patches: affine, or quadratic (the curved retina)
+QUADRATIC_PATCHES = 12  # a pass fits the quadratic only with at least this many patches
+MISFIT_PX = 25.0  # file px: an affine further than this from the patches' quadratic, on average,
+# is not confident (FIRE's AUC counts nothing past 25 px)
 
 
 class Pyramid:
@@ -195,7 +162,13 @@ class NetRegistrar:
         zoom_at_overlap=ZOOM_AT_OVERLAP,
         jitter=JITTER,
         jitter_seed=JITTER_SEED,
+        transform=TRANSFORM,
+        quadratic_patches=QUADRATIC_PATCHES,
+        misfit_px=MISFIT_PX,
+        retry_size=RETRY_SIZE,
     ):
+        if transform not in MODELS:
+            raise ValueError(f"transform must be {' or '.join(MODELS)}, not {transform!r}")
         if aggregate not in ("lmeds", "trimmed", "mean"):
             raise ValueError(f"aggregate must be lmeds, trimmed or mean, not {aggregate!r}")
         if refine not in ("net", "phase"):
@@ -204,6 +177,8 @@ class NetRegistrar:
         self.size = int(model.input_shape[1])
         self.coarse_iterations, self.zoom_iterations = coarse_iterations, zoom_iterations
         self.fine_sizes = [int(s) for s in str(fine_sizes).split(",") if s.strip() and int(s)]
+        if retry_size and self.fine_sizes and retry_size >= self.fine_sizes[0]:
+            raise ValueError(f"retry_size ({retry_size}) must be below the first fine size")
         self.fine_patches, self.dense_below = fine_patches, dense_below
         self.fine_patch = fine_patch if refine == "phase" else self.size  # the net: its input
         self.aggregate, self.refine = aggregate, refine
@@ -212,6 +187,9 @@ class NetRegistrar:
         self.repeat_above = repeat_above
         self.zoom_at_overlap = zoom_at_overlap
         self.jitter, self._jitter_rng = jitter, np.random.default_rng(jitter_seed)
+        self.transform, self.quadratic_patches = transform, quadratic_patches
+        self.misfit_px = misfit_px
+        self._quadratic = transform == "quadratic"
         # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
         # in 8 directions, then turned by +-retry_rotation about its centre, then both, which
         # puts a larger motion back within the network's training range
@@ -236,6 +214,7 @@ class NetRegistrar:
         self._judged = judged[-1] if judged else None
         cut = len(self.fine_sizes) - self.fine_sizes[::-1].index(self._judged) if judged else 0
         self._judging, self._finer = self.fine_sizes[:cut], self.fine_sizes[cut:]
+        self._retry_sizes = [retry_size] * bool(retry_size) + self._judging
         self._predict = matrix_function(model)
         n = norm_from_pixels(self.size)
         self._norm_from_pixels, self._pixels_from_norm = n, np.linalg.inv(n)
@@ -303,21 +282,27 @@ class NetRegistrar:
             v = fixed_from @ a @ np.linalg.inv(moving_from)
             warped = cv2.warpAffine(moving_view, v[:2], (self.size, self.size))
             confidence = _ncc(fixed_view, fov_mask(fixed_view), warped)
+            t = Transform(a)
         else:  # from each estimate the passes up to CONFIDENCE_SIZE, until one is confident;
             # then the finer passes once, from the most confident (they leave its confidence be)
-            a, confidence, stopped = None, -1.0, False
-            for estimate in self._estimates(coarse, masks):
-                refined, agreement, stop = self._fine(fine, estimate, self._judging)
-                if agreement > confidence:
-                    a, confidence, stopped = refined, agreement, stop
+            t, confidence, stopped, curved = None, -1.0, False, None
+            for k, estimate in enumerate(self._estimates(coarse, masks)):
+                sizes = self._judging if k == 0 else self._retry_sizes
+                tried = self._fine(fine, Transform(estimate), sizes)
+                if tried[1] > confidence:
+                    t, confidence, stopped, curved = tried
                 if confidence >= self.retry_below:
                     break
-            if not stopped:
-                a, _, _ = self._fine(fine, a, self._finer)
-        matrix = np.linalg.inv(fixed.decoded_from_file) @ a @ moving.decoded_from_file
-        if not np.all(np.isfinite(matrix)):
+            if not stopped and self._finer:
+                t, _, _, bend = self._fine(fine, t, self._finer)
+                curved = curved if bend is None else bend
+            if curved is not None:  # the confidence of a model that misses by MISFIT_PX
+                misses = _misfit(masks, t, curved) / fixed.decoded_from_file[0, 0] / self.misfit_px
+                confidence = confidence if misses <= 1 else min(confidence, 0.5 / misses)
+        t = t.compose(np.linalg.inv(fixed.decoded_from_file), moving.decoded_from_file)
+        if not np.all(np.isfinite(t.matrix)):
             return Registration(None, 0.0, "network returned a non-finite matrix")
-        return Registration(matrix[:2], confidence)
+        return Registration(t, confidence)
 
     def _estimates(self, coarse, masks):
         """The estimates (fixed_from_moving, image pixels) that the fine passes start from, in
@@ -345,21 +330,24 @@ class NetRegistrar:
             a = self._zoom(*coarse[1], masks, a)
         return list(a)
 
-    def _fine(self, fine, a, sizes):
-        """The fine passes of ``sizes`` (module docstring, step 3) from ``a`` (fixed_from_moving,
-        image pixels). Returns (a, confidence: the agreement of the pass at the judged size, or 0
-        if it did not run, stopped: whether a finer pass was dropped and the passes stopped)."""
-        confidence = 0.0
+    def _fine(self, fine, t, sizes):
+        """The fine passes of ``sizes`` (module docstring, step 3) from ``t`` (a Transform
+        fixed_from_moving, image pixels). Returns (t, confidence: the agreement of the pass at
+        the judged size, or 0 if it did not run, stopped: whether a finer pass was dropped and
+        the passes stopped, and the latest quadratic that a pass fitted to its patches (the
+        result itself where a pass took it), or None: MISFIT_PX)."""
+        confidence, curved = 0.0, None
         for size in sizes:
-            refined, agreement, moved = self._fine_pass(*fine, a, size)
+            refined, agreement, moved, bend = self._fine_pass(*fine, t, size)
             if size <= self._judged and moved > self.repeat_above > 0:  # see REPEAT_ABOVE
-                refined, agreement, _ = self._fine_pass(*fine, refined, size)
+                refined, agreement, _, bend = self._fine_pass(*fine, refined, size)
+            curved = curved if bend is None else bend
             if size > self._judged and agreement < self.keep_finer_above:
-                return a, confidence, True  # too fine for this pair (blur, little texture)
-            a = refined
+                return t, confidence, True, curved  # too fine for this pair (blur, texture)
+            t = refined
             if size == self._judged:
                 confidence = agreement
-        return a, confidence, False
+        return t, confidence, False, curved
 
     def _zoom(self, fixed, moving, masks, estimates):
         """ZOOM_ITERATIONS network passes on crops of views ZOOM times as large as the coarse ones
@@ -389,23 +377,29 @@ class NetRegistrar:
             v = np.linalg.inv(crops) @ update @ crops @ v
         return np.linalg.inv(fixed_from) @ v @ moving_from
 
-    def _fine_pass(self, pyramids, masks, a, size):
-        """One pass at a square view of side ``size``: refine ``a`` (fixed_from_moving, image
-        pixels) with patches where both fields of view overlap; returns it, the share of patches
-        that agree with the refined affine (the module docstring), and how far the pass moved
-        the farthest patch centre, in patch sides (REPEAT_ABOVE)."""
+    def _fine_pass(self, pyramids, masks, t, size):
+        """One pass at a square view of side ``size``: refine ``t`` (a Transform
+        fixed_from_moving, image pixels) with patches where both fields of view overlap; returns
+        it, the share of patches that agree with it (the module docstring), how far the pass
+        moved the farthest patch centre, in patch sides (REPEAT_ABOVE), and the quadratic through
+        the same patches where one was fitted that they agree with, taken or not (None
+        otherwise: MISFIT_PX)."""
         size = min(size, max(pyramids[0].shape))
         p = min(self.fine_patch, size // 2)
         view_from_image = square_frame(pyramids[0].shape, size)
         image_from_view = np.linalg.inv(view_from_image)
         corners = _patch_corners(
-            masks, a, image_from_view, size, p, self.fine_patches, self.dense_below
+            masks, t, image_from_view, size, p, self.fine_patches, self.dense_below
         )
         if len(corners) < 3:  # (almost) no overlap at this scale: nothing to measure, nor trust
-            return a, 0.0, 0.0
+            return t, 0.0, 0.0, None
         image_from_patch = np.tile(image_from_view, (len(corners), 1, 1))  # @ translation(x, y)
         image_from_patch[:, :2, 2] += np.asarray(corners, np.float64) @ image_from_view[:2, :2].T
-        moving_from_patch = np.linalg.inv(a) @ image_from_patch
+        if t.model == "affine":
+            moving_from_patch = np.linalg.inv(to3x3(t.matrix)) @ image_from_patch
+        else:  # the inverse's first-order expansion at each patch's centre (module docstring)
+            centres = image_from_patch[:, :2] @ [p / 2, p / 2, 1.0]
+            moving_from_patch = t.local_inverse(centres) @ image_from_patch
         fixed_patches = pyramids[0].patches(image_from_patch, p)
         moving_patches = pyramids[1].patches(moving_from_patch, p)
         weights = None
@@ -415,16 +409,49 @@ class NetRegistrar:
             local, peaks = self.phase(fixed_patches, moving_patches, self.flatten)
             if self.weighted:  # inverse variances: a shift's error falls as its peak rises
                 weights = np.maximum(peaks, 1e-3) ** 2
-        update, residual = _fit_patch_motions(local, corners, p, self.aggregate, weights)
-        a = image_from_view @ update @ view_from_image @ a
-        # an affine goes through any 3 patches: those agree for free; and a result that only a
-        # handful of patches support is not trusted (the module docstring)
-        agree = np.count_nonzero(residual <= self.agree_px) - 3
-        # how far the update moved the patches (the farthest centre), in patch sides
-        centres = np.asarray(corners, np.float64) + p / 2
-        moved = np.linalg.norm(centres @ (update[:2, :2] - np.eye(2)).T + update[:2, 2], axis=1)
-        agreement = max(0, agree) / (max(len(corners), self.fine_patches / 4) - 3)
-        return a, float(agreement), float(moved.max() / p)
+        # an affine residual (view pixels), after the estimate
+        fit, residual, moved = _fit_patch_motions(local, corners, p, self.aggregate, weights)
+        agree = np.count_nonzero(residual <= self.agree_px)
+        agreement = self._agreement(residual, len(corners), 3)
+        refined = t.compose(left=image_from_view @ to3x3(fit.matrix) @ view_from_image)
+        curved = None
+        if size >= self._judged and len(corners) >= self.quadratic_patches:
+            # the quadratic through the patches, from the moving image's points in a frame near
+            # the view's (its scale): for the transform, or for the affine's misfit
+            pre = view_from_image @ to3x3(t.matrix[:, :3])
+            source = pre @ moving_from_patch
+            fit, residual, shifts = _fit_patch_motions(
+                local, corners, p, "trimmed", weights, source
+            )
+            fitted = 0.0 if fit is None else self._agreement(residual, len(corners), 6)
+            if fitted >= self.retry_below:  # the patches agree with it (else it fits noise)
+                curved = fit.compose(left=image_from_view, right=pre)
+                if self._quadratic and np.count_nonzero(residual <= self.agree_px) >= agree:
+                    return curved, fitted, float(shifts.max() / p), curved  # (no misfit)
+        return refined, agreement, float(moved.max() / p), curved
+
+    def _agreement(self, residual, patches, free):
+        """The share of patches whose motion lies within AGREE_PX of the fitted transform (view
+        pixels), less the ``free`` ones that it goes through in any case (an affine 3, a
+        quadratic 6), out of at least a quarter of FINE_PATCHES: a result that only a handful of
+        patches support is not trusted (the module docstring)."""
+        agree = np.count_nonzero(residual <= self.agree_px) - free
+        return max(0, agree) / (max(patches, self.fine_patches / 4) - free)
+
+
+def _misfit(masks, t, curved):
+    """How far ``t`` is from ``curved`` (Transforms fixed_from_moving, image pixels), on average
+    over where both fields of view see the retina under ``t``: the error that a model which
+    cannot bend leaves where the retina does (image pixels)."""
+    (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
+    on_mask = t.compose(fixed_from, np.linalg.inv(moving_from))
+    both = fixed_mask & (on_mask.warp(moving_mask.astype(np.uint8), fixed_mask.shape) > 0)
+    ys, xs = np.nonzero(both[::2, ::2])  # every other mask pixel: plenty for a mean
+    if len(xs) == 0:
+        return 0.0
+    points = apply_affine(np.linalg.inv(fixed_from), np.stack([xs, ys], 1) * 2.0)
+    moving = t.inverse(points)
+    return float(np.nanmean(np.linalg.norm(t(moving) - curved(moving), axis=1)))
 
 
 def _overlap_centre(masks, a):
@@ -467,33 +494,40 @@ def _plane_basis(p):
     return basis, (basis / np.einsum("ij,ij->i", basis, basis)[:, None]).T
 
 
-def _patch_corners(masks, a, image_from_view, size, patch, count, dense_below=DENSE_BELOW):
+def _patch_corners(masks, t, image_from_view, size, patch, count, dense_below=DENSE_BELOW):
     """Top-left corners (left, top), in the fixed view of side ``size``, of up to ``count``
     patches on a regular grid whose four corners and centre lie in the fixed field of view and,
-    under ``a`` (fixed_from_moving, image pixels), in the moving one; the outermost first.
+    under ``t`` (a Transform fixed_from_moving, image pixels), in the moving one; the outermost
+    first.
     Where fewer than ``dense_below`` of ``count`` fit (a small overlap; a field of view that
     fills little of the square view, as a 1504 x 1000 image's does), the grid is made about
     twice as dense, its patches overlapping: a small overlap is measured by as many patches as a
     large one, and a right estimate gets as many patches to agree with it (the confidence's
     floor, module docstring). Returns a (K, 2) int array."""
-    found = _corners_inside(masks, a, image_from_view, _patch_grid(size, patch, count), count)
+    found = _corners_inside(masks, t, image_from_view, _patch_grid(size, patch, count), count)
     if len(found) < dense_below * count:
         dense = _patch_grid(size, patch, 4 * count)  # about twice as many per row and column
-        denser = _corners_inside(masks, a, image_from_view, dense, count)
+        denser = _corners_inside(masks, t, image_from_view, dense, count)
         found = denser if len(denser) > len(found) else found
     return found
 
 
-def _corners_inside(masks, a, image_from_view, grid, count):
-    """The ``count`` outermost of a _patch_grid's candidates inside both fields of view."""
+def _corners_inside(masks, t, image_from_view, grid, count):
+    """The ``count`` outermost of a _patch_grid's candidates inside both fields of view (the
+    moving one's under ``t``, a Transform fixed_from_moving in image pixels)."""
     (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
     corners, points, outward = grid
     inside = np.ones(len(corners), bool)
-    for mask, mask_from_view in (
-        (fixed_mask, fixed_from @ image_from_view),
-        (moving_mask, moving_from @ np.linalg.inv(a) @ image_from_view),
-    ):
-        xy = np.rint(points @ mask_from_view[:2, :2].T + mask_from_view[:2, 2]).astype(int)
+    if t.model == "affine":  # one matrix from view to moving mask, as for the fixed one
+        moving_from_view = moving_from @ np.linalg.inv(to3x3(t.matrix)) @ image_from_view
+        moving_points = points @ moving_from_view[:2, :2].T + moving_from_view[:2, 2]
+    else:  # the fixed image points mapped back by the transform's inverse
+        image_points = points.reshape(-1, 2) @ image_from_view[:2, :2].T + image_from_view[:2, 2]
+        moving_points = apply_affine(moving_from, t.inverse(image_points)).reshape(points.shape)
+    fixed_from_view = fixed_from @ image_from_view
+    fixed_points = points @ fixed_from_view[:2, :2].T + fixed_from_view[:2, 2]
+    for mask, mask_points in ((fixed_mask, fixed_points), (moving_mask, moving_points)):
+        xy = np.rint(np.nan_to_num(mask_points, nan=-1.0)).astype(int)
         x, y = xy[..., 0], xy[..., 1]
         h, w = mask.shape
         ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
@@ -515,50 +549,68 @@ def _patch_grid(size, patch, count):
     return corners.astype(int), corners[:, None, :] + probes[None], outward
 
 
-def _fit_patch_motions(local, corners, size, aggregate, weights=None):
-    """One residual affine (view pixels) from per-patch local matrices (patch pixels), and how far
-    each patch's motion is from it (pixels, the worst of the patch's points).
+def _fit_patch_motions(local, corners, size, aggregate, weights=None, source_from_patch=None):
+    """One transform from per-patch local matrices (patch pixels); how far each patch's motion is
+    from it and how far it moves each patch (view pixels, the worst of the patch's points).
 
     Each patch moves its own points by its local matrix, taken back to view pixels
     (``t_global = t_local + (l, t) - L (l, t)``): its centre alone when the local matrices are
     translations (phase correlation: one independent measurement per patch), else a 3x3 grid.
-    One affine goes through those point pairs: ``trimmed`` by least squares (weighted by
-    ``weights``, one per patch, when given), refitted without the points that the first fit
-    leaves more than max(1.5 px, 2.5 x the median residual) away; ``lmeds`` by least median of
-    squares; ``mean`` averages the patches' full-image matrices (the prototype's aggregate).
-    Only ``trimmed`` uses the weights."""
+    Without ``source_from_patch`` one affine goes through those point pairs, the residual (view
+    pixels) between where the points lie under the current estimate and where they belong:
+    ``trimmed`` by least squares (weighted by ``weights``, one per patch, when given), refitted
+    without the points that the first fit leaves more than max(1.5 px, 2.5 x the median
+    residual) away; ``lmeds`` by least median of squares; ``mean`` averages the patches'
+    full-image matrices (the prototype's aggregate). Only ``trimmed`` uses the weights.
+    With ``source_from_patch`` (K, 3, 3: each patch's points in the frame of the moving image
+    that the quadratic is fitted from), a quadratic from there to the view, ``trimmed``: a new
+    estimate, not a residual (a quadratic after a quadratic is not one).
+    Returns (the Transform, each patch's residual (K,), how far it moves each patch's centre
+    (K,)), or three None where the points do not hold a quadratic."""
     origin = np.asarray(corners, np.float64)  # (K, 2): each patch's (left, top)
     if np.abs(local[:, :2, :2] - np.eye(2)).max() <= 1e-8:  # translations (np.allclose: slow)
-        src = (origin + size / 2).astype(np.float32)  # the centres
-        dst = (size / 2 + local[:, :2, 2] + origin).astype(np.float32)
+        points = np.full((1, 2), size / 2)  # the centres
     else:  # a 3x3 grid of points in each patch
         ticks = [0, size / 2, size - 1]
-        grid = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2) in patch pixels
-        moved = grid @ local[:, :2, :2].transpose(0, 2, 1) + local[:, None, :2, 2]  # (K, G, 2)
-        src = (grid + origin[:, None]).reshape(-1, 2).astype(np.float32)
-        dst = (moved + origin[:, None]).reshape(-1, 2).astype(np.float32)
-        weights = None if weights is None else np.repeat(weights, len(grid))
+        points = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)  # (G, 2), patch pixels
+        weights = None if weights is None else np.repeat(weights, len(points))
+    moved = points @ local[:, :2, :2].transpose(0, 2, 1) + local[:, None, :2, 2]  # (K, G, 2)
+    src = (points + origin[:, None]).reshape(-1, 2).astype(np.float32)
+    dst = (moved + origin[:, None]).reshape(-1, 2).astype(np.float32)
     fit = None
+    if source_from_patch is not None:  # a quadratic from the moving image's points
+        source = points @ source_from_patch[:, :2, :2].transpose(0, 2, 1)
+        source = (source + source_from_patch[:, None, :2, 2]).reshape(-1, 2).astype(np.float32)
+        fit = _trimmed_fit(source, dst, weights, "quadratic")
+        if fit is None:  # degenerate: the patch field does not hold a quadratic
+            return None, None, None
+        src = source
     if aggregate == "lmeds" and len(corners) >= 3:
         fit, _ = cv2.estimateAffine2D(src, dst, method=cv2.LMEDS)
-    if aggregate == "trimmed" and len(corners) >= 3:
+    if aggregate == "trimmed" and len(corners) >= 3 and fit is None:
         fit = _trimmed_fit(src, dst, weights)
     if fit is None:  # the prototype's mean of the patches' full-image matrices
         fit = np.mean([global_from_local(m, x, y) for m, (x, y) in zip(local, corners)], axis=0)
-    fit = to3x3(fit)
-    miss = np.linalg.norm(apply_affine(fit, src) - dst, axis=1)
-    return fit, miss.reshape(len(corners), -1).max(axis=1)
+    fit = as_transform(fit)
+    miss = np.linalg.norm(fit(src) - dst, axis=1).reshape(len(corners), -1).max(axis=1)
+    centres = origin + size / 2
+    if source_from_patch is None:
+        shift = fit(centres) - centres
+    else:
+        shift = fit(source_from_patch[:, :2] @ [size / 2, size / 2, 1.0]) - centres
+    return fit, miss, np.linalg.norm(shift, axis=1)
 
 
-def _trimmed_fit(src, dst, weights=None):
-    """(Weighted) least-squares affine, refitted once without the outlying points; None if
-    degenerate."""
+def _trimmed_fit(src, dst, weights=None, model="affine"):
+    """(Weighted) least-squares transform of ``model``, refitted once without the outlying
+    points; None if degenerate."""
     try:
-        fit, residual = fit_affine(src, dst, weights)
+        fit, residual = fit_transform(src, dst, model, weights)
         keep = residual <= max(1.5, 2.5 * np.median(residual))
-        if 3 <= keep.sum() < len(src):
-            fit, _ = fit_affine(src[keep], dst[keep], None if weights is None else weights[keep])
-    except ValueError:  # fewer than 3 points left, or all on one line
+        if len(src) > keep.sum() >= (3 if model == "affine" else 6):
+            w = None if weights is None else weights[keep]
+            fit, _ = fit_transform(src[keep], dst[keep], model, w)
+    except ValueError:  # too few points left, or all on one line (one conic)
         return None
     return fit
 

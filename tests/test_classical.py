@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import classical
-from common import GreyImage, apply_affine, scale_matrix, to3x3
+from common import GreyImage, Transform, as_transform, scale_matrix, to3x3
 
 SIDE = 768
 BOUND_PX = {"sift": 1.0, "orb": 1.0, "ecc": 1.0}  # mean grid-point error allowed (px); ~0.2 seen
@@ -45,17 +45,41 @@ def moved(base, fixed_from_moving):
 
 
 def grid_error(estimate, truth):
-    """Mean distance at ~10 moving points inside the aperture whose images are inside it too."""
+    """Mean distance at ~10 moving points inside the aperture whose images are inside it too
+    (``estimate`` and ``truth``: Transforms or affine matrices, fixed_from_moving)."""
+    estimate, truth = as_transform(estimate), as_transform(truth)
     ys, xs = np.mgrid[0.25:0.76:0.125, 0.25:0.76:0.125].reshape(2, -1) * SIDE
     points = np.stack([xs, ys], 1)
     centre, radius = (SIDE - 1) / 2, 0.4 * SIDE
     inside = np.linalg.norm(points - centre, axis=1) < radius
-    inside &= np.linalg.norm(apply_affine(truth, points) - centre, axis=1) < radius
+    inside &= np.linalg.norm(truth(points) - centre, axis=1) < radius
     points = points[inside][:: max(1, inside.sum() // 10)]
     assert len(points) >= 8
-    return float(
-        np.linalg.norm(apply_affine(estimate, points) - apply_affine(truth, points), axis=1).mean()
-    )
+    return float(np.linalg.norm(estimate(points) - truth(points), axis=1).mean())
+
+
+def bending(bend_px, degrees=3.0, scale=1.02, shift=(15.0, -10.0)):
+    """A quadratic fixed_from_moving (a Transform, pixels): a rotation, scale and shift about the
+    image centre, bent by quadratic terms that move the image's edges by about ``bend_px`` (in
+    coordinates u with the centre at 0 and the edges at +-1, each term is bend_px * u * u)."""
+    c = (SIDE - 1) / 2
+    unit_from_pixel = np.array([[1 / c, 0, -1], [0, 1 / c, -1], [0, 0, 1]])
+    b = bend_px / c
+    m = np.zeros((2, 6))
+    m[:, :2] = cv2.getRotationMatrix2D((0, 0), degrees, scale)[:, :2]
+    m[:, 2] = np.array(shift) / c
+    m[:, 3:] = [[b, 0.5 * b, -0.5 * b], [0.3 * b, -0.4 * b, b]]
+    return Transform(m).compose(np.linalg.inv(unit_from_pixel), unit_from_pixel)
+
+
+def bent(base, fixed_from_moving):
+    """The moving photograph of a quadratic motion: its pixel p shows what the fixed one shows at
+    fixed_from_moving(p). cv2.remap samples base there directly, so the transform is used in the
+    direction that Registration.fixed_from_moving maps (moving to fixed), with no inverse."""
+    ys, xs = np.mgrid[0:SIDE, 0:SIDE]
+    where = fixed_from_moving(np.stack([xs.ravel(), ys.ravel()], 1)).astype(np.float32)
+    where = where.reshape(SIDE, SIDE, 2)
+    return aperture(cv2.remap(base, where[..., 0], where[..., 1], cv2.INTER_LINEAR))
 
 
 MOTION = {
@@ -70,7 +94,8 @@ def test_recovers_known_affine(retina, name):
     truth = MOTION[name]
     result = classical.METHODS[name](grey(aperture(retina)), grey(moved(retina, truth)))
     assert result.fixed_from_moving is not None, result.reason
-    assert result.fixed_from_moving.shape == (2, 3)
+    assert result.fixed_from_moving.model == "affine"  # the default transform
+    assert result.fixed_from_moving.matrix.shape == (2, 3)
     assert 0.0 <= result.confidence <= 1.0
     error = grid_error(result.fixed_from_moving, truth)
     assert error < BOUND_PX[name], f"{name}: mean error {error:.2f} px"
@@ -116,26 +141,36 @@ def test_flat_images_do_not_raise(name):
         assert result.reason and result.confidence == 0.0
     else:
         assert name == "ecc"
-        np.testing.assert_allclose(result.fixed_from_moving, np.eye(3)[:2], atol=1e-3)
+        np.testing.assert_allclose(result.fixed_from_moving.matrix, np.eye(3)[:2], atol=1e-3)
 
 
 def test_testing_has_a_flag_for_each_operating_point_with_classical_defaults():
     """Testing.py's --sift-side, --orb-features... reach the method, with classical.py's
-    defaults: ORB_SIDE is register_orb's ``side``."""
+    defaults: ORB_SIDE is register_orb's ``side``. TRANSFORM is Testing.py's setting for every
+    method (not a classical.py constant): its default is each method's ``transform`` default,
+    and --transform reaches every classical method."""
     import inspect
 
     import Testing
     from common import cli
 
     for name, keys in Testing.CLASSICAL_SETTINGS.items():
-        taken = list(inspect.signature(classical.METHODS[name]).parameters)[2:]  # after the images
+        parameters = inspect.signature(classical.METHODS[name]).parameters
+        taken = list(parameters)[2:]  # after the images
         args = cli(vars(Testing), "", [])
         assert sorted(Testing.method_settings(name, args)) == sorted(taken), name
+        assert "TRANSFORM" in keys, name
         for key in keys:
+            if key == "TRANSFORM":  # shared by all methods: the function's own default
+                assert Testing.TRANSFORM == parameters["transform"].default == "affine", name
+                continue
             assert getattr(Testing, key) == getattr(classical, key), key
+        quadratic = cli(vars(Testing), "", ["--transform", "quadratic"])
+        _, register = Testing.make_method(name, quadratic)
+        assert register.keywords["transform"] == "quadratic", name
     args = cli(vars(Testing), "", ["--orb-side", "300", "--orb-features", "7", "--orb-levels", "2"])
     _, register = Testing.make_method("orb", args)
-    assert register.keywords == {"side": 300, "features": 7, "levels": 2}
+    assert register.keywords == {"side": 300, "features": 7, "levels": 2, "transform": "affine"}
 
 
 def test_the_operating_point_changes_the_result(retina):
@@ -164,3 +199,72 @@ def test_every_method_gets_the_same_threads_and_numpys_blas_one():
         blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
         assert blas and set(blas) == {1}
     cv2.setNumThreads(before)
+
+
+BEND_PX = 10.0  # the bent pairs' edges move this much more than the affine part says
+QUADRATIC_BOUND_PX = 0.5  # mean grid error allowed with transform quadratic; 0.05-0.16 seen
+
+
+@pytest.mark.parametrize("name", ["sift", "orb"])
+def test_quadratic_recovers_a_bent_pair_that_the_affine_cannot(retina, name):
+    """The retina under a known quadratic (edges bent by BEND_PX): with transform quadratic the
+    features' method returns a quadratic close to it; the affine, the default, misses by pixels
+    (measured: sift 0.04 vs 2.2 px, orb 0.16 vs 3.3 px)."""
+    truth = bending(BEND_PX)
+    fixed, moving = grey(aperture(retina)), grey(bent(retina, truth))
+    register = classical.METHODS[name]
+    quadratic = register(fixed, moving, transform="quadratic")
+    affine = register(fixed, moving)
+    assert quadratic.fixed_from_moving is not None, quadratic.reason
+    assert quadratic.fixed_from_moving.model == "quadratic"
+    assert quadratic.fixed_from_moving.matrix.shape == (2, 6)
+    assert affine.fixed_from_moving.model == "affine"
+    assert 0.0 <= quadratic.confidence <= 1.0
+    quadratic_error = grid_error(quadratic.fixed_from_moving, truth)
+    affine_error = grid_error(affine.fixed_from_moving, truth)
+    assert affine_error > 1.5, f"{name}: the bend is too small to tell ({affine_error:.2f} px)"
+    assert quadratic_error < QUADRATIC_BOUND_PX, f"{name}: mean error {quadratic_error:.2f} px"
+    assert quadratic_error < affine_error / 4
+
+
+def test_a_quadratic_is_in_file_pixels_when_the_moving_file_is_decoded_smaller(retina):
+    """As test_sizes_and_decoding_are_undone, for the quadratic: a non-square moving file decoded
+    at half size; the quadratic maps the file's pixels (its frames are composed on either side)."""
+    truth = bending(BEND_PX)
+    crop = bent(retina, truth)[:, 64:]  # 768 x 704: crop pixel p is bent pixel p + (64, 0)
+    truth = truth.compose(right=np.array([[1.0, 0, 64], [0, 1, 0], [0, 0, 1]]))  # fixed_from_crop
+    half = cv2.resize(crop, (crop.shape[1] // 2, crop.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    moving = GreyImage(half, crop.shape, scale_matrix(0.5))
+    result = classical.register_sift(grey(aperture(retina)), moving, transform="quadratic")
+    assert result.fixed_from_moving is not None, result.reason
+    assert result.fixed_from_moving.model == "quadratic"
+    error = grid_error(result.fixed_from_moving, truth)
+    assert error < 2 * QUADRATIC_BOUND_PX, f"mean error {error:.2f} px"
+
+
+def test_too_few_inliers_for_a_quadratic_leave_the_affine(retina, monkeypatch):
+    """With fewer RANSAC inliers than QUADRATIC_INLIERS, transform quadratic returns RANSAC's
+    affine itself (a quadratic through a handful of matches would fit their noise)."""
+    truth = bending(BEND_PX)
+    fixed, moving = grey(aperture(retina)), grey(bent(retina, truth))
+    affine = classical.register_sift(fixed, moving)
+    monkeypatch.setattr(classical, "QUADRATIC_INLIERS", 10**6)
+    kept = classical.register_sift(fixed, moving, transform="quadratic")
+    assert kept.fixed_from_moving.model == "affine"
+    np.testing.assert_array_equal(kept.fixed_from_moving.matrix, affine.fixed_from_moving.matrix)
+    assert kept.confidence == affine.confidence
+
+
+def test_ecc_returns_an_affine_when_asked_for_a_quadratic(retina):
+    """OpenCV's ECC aligns under an affine only: transform quadratic gives the same affine (model
+    affine), not a failure."""
+    truth = MOTION["ecc"]
+    fixed, moving = grey(aperture(retina)), grey(moved(retina, truth))
+    result = classical.register_ecc(fixed, moving, transform="quadratic")
+    assert result.fixed_from_moving is not None, result.reason
+    assert result.fixed_from_moving.model == "affine"
+    np.testing.assert_array_equal(
+        result.fixed_from_moving.matrix,
+        classical.register_ecc(fixed, moving).fixed_from_moving.matrix,
+    )
+    assert grid_error(result.fixed_from_moving, truth) < BOUND_PX["ecc"]

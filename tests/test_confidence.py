@@ -7,7 +7,15 @@ from skimage import data
 
 import Network
 import registrar as procedure
-from common import GreyImage, apply_affine, fire_error, fov_mask
+from common import (
+    GreyImage,
+    Transform,
+    apply_affine,
+    fire_error,
+    fit_transform,
+    fov_mask,
+    translation,
+)
 
 MODEL = "models/fundusreg.keras"
 SIDE = 768
@@ -114,8 +122,9 @@ def test_patch_agreement_separates_consistent_from_stray_patches():
     """_fit_patch_motions: the residual of each patch is its distance from the fitted affine."""
     corners, local, _ = consistent_patches(0, 20)
     local[:4, :2, 2] += [[15, 0], [0, -12], [9, 9], [-20, 4]]  # four stray patches
-    fit, residual = procedure._fit_patch_motions(local, corners, 64, "trimmed")
-    np.testing.assert_allclose(fit, TRUTH, atol=1e-4)  # float32 points
+    fit, residual, _ = procedure._fit_patch_motions(local, corners, 64, "trimmed")
+    assert fit.model == "affine"
+    np.testing.assert_allclose(fit.matrix, TRUTH[:2], atol=1e-4)  # float32 points
     assert np.all(residual[:4] > 8) and np.all(residual[4:] < 1e-3)
 
 
@@ -128,8 +137,8 @@ def test_weights_pull_the_fit_towards_the_trusted_patches():
     centres = np.asarray(corners, np.float64) + 32
     errors = []
     for w in (None, weights):
-        fit, _ = procedure._fit_patch_motions(local, corners, 64, "trimmed", w)
-        errors.append(np.abs(apply_affine(fit, centres) - apply_affine(TRUTH, centres)).max())
+        fit, _, _ = procedure._fit_patch_motions(local, corners, 64, "trimmed", w)
+        errors.append(np.abs(fit(centres) - apply_affine(TRUTH, centres)).max())
     assert errors[0] > 0.1 and errors[1] < errors[0] / 20
 
 
@@ -157,12 +166,13 @@ def test_retry_order_and_stop(model, retina, monkeypatch):
         calls.append(([s[:2, 2].tolist() for s in starts], passes))
         return network(coarse, masks, starts, passes)
 
-    def fine(fine, a, sizes):
+    def fine(fine, t, sizes):
         if sizes == registrar._finer:
-            finer.append(a)
-            return a, 0.0, False
-        tried.append(a)
-        return np.diag([len(tried), len(tried), 1.0]), next(scripted), False  # tells them apart
+            finer.append(t)
+            return t, 0.0, False, None
+        tried.append((t, sizes))
+        diagonal = Transform(np.diag([len(tried), len(tried), 1.0]))  # tells them apart
+        return diagonal, next(scripted), False, None
 
     monkeypatch.setattr(registrar, "_network", spy)
     monkeypatch.setattr(registrar, "_fine", fine)
@@ -173,8 +183,12 @@ def test_retry_order_and_stop(model, retina, monkeypatch):
     assert calls[2][1] == passes and calls[2][0][:2] == [[step, 0], [-step, 0]]
     assert len(calls) == 3 and len(calls[2][0]) == 8  # the turned starts were never needed
     assert len(tried) == 4 and result.confidence == 0.9
-    assert len(finer) == 1 and finer[0][0, 0] == 4  # the fourth estimate's, refined once
-    assert result.fixed_from_moving[0, 0] == pytest.approx(4.0)
+    assert all(isinstance(t, Transform) for t, _ in tried)
+    # the first estimate's passes up to CONFIDENCE_SIZE; a retry's begin at RETRY_SIZE
+    assert [sizes for _, sizes in tried] == [registrar._judging] + [registrar._retry_sizes] * 3
+    assert registrar._retry_sizes == [procedure.RETRY_SIZE, *registrar._judging]
+    assert len(finer) == 1 and finer[0].matrix[0, 0] == 4  # the fourth estimate's, refined once
+    assert result.fixed_from_moving.matrix[0, 0] == pytest.approx(4.0)
 
 
 def test_a_batch_of_starts_gives_the_estimates_of_one_start_at_a_time(model, retina):
@@ -215,7 +229,7 @@ def test_a_few_agreeing_patches_are_trusted_only_past_a_floor(
     monkeypatch.setattr(procedure, "_patch_corners", lambda *args: corners)
     pyramids = procedure.Pyramid(retina), procedure.Pyramid(retina)
     mask = np.ones((192, 192), bool), np.diag([0.25, 0.25, 1.0])
-    _, agreement, _ = registrar._fine_pass(pyramids, (mask, mask), np.eye(3), 384)
+    _, agreement, _, _ = registrar._fine_pass(pyramids, (mask, mask), Transform(np.eye(3)), 384)
     assert (agreement >= 0.5) == trusted
 
 
@@ -234,19 +248,19 @@ def test_a_finer_pass_whose_patches_disagree_is_not_kept(registrar, retina, monk
     agreements = {192: 0.9, 384: 0.8, 768: 0.2}
     seen = []
 
-    def fine_pass(pyramids, masks, a, size):
+    def fine_pass(pyramids, masks, t, size):
         seen.append(size)
-        return np.diag([size, size, 1.0]), agreements[size], 0.0  # tells the passes apart
+        return Transform(np.diag([size, size, 1.0])), agreements[size], 0.0, None  # tells apart
 
     monkeypatch.setattr(registrar, "_fine_pass", fine_pass)
     result = registrar.register(grey(retina), grey(retina))
     assert seen == [192, 384, 768]
-    assert result.fixed_from_moving[0, 0] == pytest.approx(384)  # the 768 pass was dropped
+    assert result.fixed_from_moving.matrix[0, 0] == pytest.approx(384)  # the 768 was dropped
     assert result.confidence == pytest.approx(0.8)
     agreements[768] = 0.6
     seen.clear()
     kept = registrar.register(grey(retina), grey(retina))
-    assert kept.fixed_from_moving[0, 0] == pytest.approx(768) and kept.confidence == 0.8
+    assert kept.fixed_from_moving.matrix[0, 0] == pytest.approx(768) and kept.confidence == 0.8
 
 
 def test_a_pass_that_moves_patches_far_is_repeated_once(registrar, retina, monkeypatch):
@@ -255,9 +269,10 @@ def test_a_pass_that_moves_patches_far_is_repeated_once(registrar, retina, monke
     moves = {192: [0.5, 0.4], 384: [0.01], 768: [0.9]}
     seen = []
 
-    def fine_pass(pyramids, masks, a, size):
-        seen.append((size, a[0, 0]))
-        return np.diag([a[0, 0] + 1, 1.0, 1.0]), 1.0, moves[size].pop(0)  # counts the passes
+    def fine_pass(pyramids, masks, t, size):
+        seen.append((size, t.matrix[0, 0]))
+        counted = Transform(np.diag([t.matrix[0, 0] + 1, 1.0, 1.0]))  # counts the passes
+        return counted, 1.0, moves[size].pop(0), None
 
     monkeypatch.setattr(registrar, "_fine_pass", fine_pass)
     monkeypatch.setattr(registrar, "zoom_iterations", 0)
@@ -265,7 +280,7 @@ def test_a_pass_that_moves_patches_far_is_repeated_once(registrar, retina, monke
     result = registrar.register(grey(retina), grey(retina))
     assert [size for size, _ in seen] == [192, 192, 384, 768]  # once, even if it still moves far
     assert [start for _, start in seen] == [1, 2, 3, 4]  # each pass from the one before
-    assert result.fixed_from_moving[0, 0] == pytest.approx(5)
+    assert result.fixed_from_moving.matrix[0, 0] == pytest.approx(5)
 
 
 def test_a_repeated_pass_reaches_what_one_pass_falls_short_of(model, retina):
@@ -320,13 +335,13 @@ def test_patches_lie_in_both_fields_of_view_outermost_first():
     outermost first; a moved field of view leaves fewer."""
     size, patch, masks = PATCH_VIEW, PATCH, DISC_MASKS
     a = np.array([[1, 0, 60], [0, 1, -30], [0, 0, 1.0]])  # fixed_from_moving
-    corners = procedure._patch_corners(masks, a, np.eye(3), size, patch, 20)
+    corners = procedure._patch_corners(masks, Transform(a), np.eye(3), size, patch, 20)
     assert 10 <= len(corners) <= 20
     assert_patches_inside_both_fields_of_view(corners, a)
     outward = np.abs(np.asarray(corners) - (size - patch) / 2).sum(axis=1)
     assert (np.diff(outward) <= 0).all()
-    everywhere = procedure._patch_corners(masks, np.eye(3), np.eye(3), size, patch, 100)
-    moved = procedure._patch_corners(masks, a, np.eye(3), size, patch, 100)
+    everywhere = procedure._patch_corners(masks, Transform(np.eye(3)), np.eye(3), size, patch, 100)
+    moved = procedure._patch_corners(masks, Transform(a), np.eye(3), size, patch, 100)
     assert len(moved) < len(everywhere)
 
 
@@ -336,13 +351,14 @@ def test_a_small_overlap_is_measured_by_a_denser_grid():
     one, every one inside both fields of view; a large overlap keeps its regular grid."""
     size, patch, masks = PATCH_VIEW, PATCH, DISC_MASKS
     apart = np.array([[1, 0, 180], [0, 1, 0], [0, 0, 1.0]])  # discs 90 mask px apart: 39 % overlap
-    regular = procedure._patch_corners(masks, apart, np.eye(3), size, patch, 40, dense_below=0)
-    denser = procedure._patch_corners(masks, apart, np.eye(3), size, patch, 40)
+    apart_t = Transform(apart)
+    regular = procedure._patch_corners(masks, apart_t, np.eye(3), size, patch, 40, dense_below=0)
+    denser = procedure._patch_corners(masks, apart_t, np.eye(3), size, patch, 40)
     assert procedure.DENSE_BELOW == 0.5 and len(regular) == 9 and len(denser) == 29
     assert_patches_inside_both_fields_of_view(denser, apart)
     assert len(np.unique(np.diff(np.unique(denser[:, 1])))) <= 2  # still a regular grid
     assert np.diff(np.unique(denser[:, 1])).max() < np.diff(np.unique(regular[:, 1])).min()
-    near = np.array([[1, 0, 40], [0, 1, 0], [0, 0, 1.0]])
+    near = Transform(np.array([[1, 0, 40], [0, 1, 0], [0, 0, 1.0]]))
     np.testing.assert_array_equal(
         procedure._patch_corners(masks, near, np.eye(3), size, patch, 40),
         procedure._patch_corners(masks, near, np.eye(3), size, patch, 40, dense_below=0),
@@ -359,9 +375,9 @@ def test_the_retry_starts_are_shifted_turned_and_both(model, retina, monkeypatch
         starts.extend(batch)
         return network(coarse, masks, batch, passes)
 
-    def fine(fine, a, sizes):
-        tried.append(a)
-        return a, 0.1 if len(tried) != 20 else 0.3, False
+    def fine(fine, t, sizes):
+        tried.append(t)
+        return t, 0.1 if len(tried) != 20 else 0.3, False, None
 
     monkeypatch.setattr(registrar, "_network", spy)
     monkeypatch.setattr(registrar, "_fine", fine)
@@ -376,3 +392,217 @@ def test_the_retry_starts_are_shifted_turned_and_both(model, retina, monkeypatch
         assert np.degrees(np.arctan2(start[1, 0], start[0, 0])) == pytest.approx(degrees)
         np.testing.assert_allclose(apply_affine(start, centre[None]), centre[None], atol=1e-9)
     np.testing.assert_allclose(starts[12], starts[2] @ starts[10])  # first shift, first turn
+
+
+# ----------------------------------------------------------------------------------------------
+# transform quadratic: the curved retina, and the confidence of an affine that cannot bend
+
+
+def bending(bend_px, degrees=3.0, scale=1.02, shift=(15.0, -10.0)):
+    """A quadratic fixed_from_moving (a Transform, pixels): a rotation, scale and shift about the
+    image centre, bent by quadratic terms that move the image's edges by about ``bend_px`` (in
+    coordinates u with the centre at 0 and the edges at +-1, each term is bend_px * u * u)."""
+    c = (SIDE - 1) / 2
+    unit_from_pixel = np.array([[1 / c, 0, -1], [0, 1 / c, -1], [0, 0, 1]])
+    b = bend_px / c
+    m = np.zeros((2, 6))
+    m[:, :2] = cv2.getRotationMatrix2D((0, 0), degrees, scale)[:, :2]
+    m[:, 2] = np.array(shift) / c
+    m[:, 3:] = [[b, 0.5 * b, -0.5 * b], [0.3 * b, -0.4 * b, b]]
+    return Transform(m).compose(np.linalg.inv(unit_from_pixel), unit_from_pixel)
+
+
+def bent(fixed, fixed_from_moving):
+    """The fixed image seen after a quadratic motion: the moving image's pixel p shows the fixed
+    one at fixed_from_moving(p) (cv2.remap samples it there: the transform is used in the
+    direction Registration.fixed_from_moving maps, moving to fixed); and control points (fixed
+    x y, moving x y) on a grid of moving pixels that both fields of view see."""
+    ys, xs = np.mgrid[0:SIDE, 0:SIDE]
+    where = fixed_from_moving(np.stack([xs.ravel(), ys.ravel()], 1)).astype(np.float32)
+    where = where.reshape(SIDE, SIDE, 2)
+    moving = cv2.remap(fixed, where[..., 0], where[..., 1], cv2.INTER_LINEAR)
+    grid = np.stack(np.meshgrid(np.arange(96, SIDE, 96), np.arange(96, SIDE, 96)), -1)
+    grid = grid.reshape(-1, 2).astype(np.float64)
+    mapped = fixed_from_moving(grid)
+    mask = fov_mask(fixed) > 0
+    inside = [
+        0 <= x < SIDE and 0 <= y < SIDE and mask[int(y), int(x)] and mask[int(v), int(u)]
+        for (x, y), (u, v) in zip(mapped, grid)
+    ]
+    return moving, np.hstack([mapped[inside], grid[inside]])
+
+
+BEND_PX = 8.0  # the edges bend this much: the best affine misses by about 2.5 px on average
+
+
+@pytest.fixture(scope="module")
+def bent_pair(retina):
+    moving, points = bent(retina, bending(BEND_PX))
+    assert len(points) >= 30
+    return grey(retina), grey(moving), points
+
+
+def test_transform_quadratic_registers_a_bent_pair_better_than_the_affine(
+    model, registrar, bent_pair
+):
+    """NetRegistrar(transform="quadratic") on the retina bent by a known quadratic: a quadratic
+    result, confident, with a control-point error far below the default affine's on the same
+    pair (measured: 0.05 px against 2.5 px)."""
+    fixed, moving, points = bent_pair
+    quadratic = procedure.NetRegistrar(model, transform="quadratic").register(fixed, moving)
+    affine = registrar.register(fixed, moving)
+    assert quadratic.fixed_from_moving.model == "quadratic"
+    assert affine.fixed_from_moving.model == "affine"
+    quadratic_error = fire_error(quadratic.fixed_from_moving, points)
+    affine_error = fire_error(affine.fixed_from_moving, points)
+    assert affine_error > 1.5, affine_error  # the premise: an affine cannot follow the bend
+    assert quadratic_error < 0.5 and quadratic_error < affine_error / 4, (
+        quadratic_error,
+        affine_error,
+    )
+    assert quadratic.confidence >= 0.5
+
+
+def test_an_affine_that_misses_the_patches_quadratic_by_misfit_px_is_not_confident(
+    model, bent_pair
+):
+    """MISFIT_PX: an affine result further than misfit_px (on average) from the quadratic that the
+    same patches fit has its confidence capped below 0.5, the further the lower; with a large
+    misfit_px the same pair is confident. The cap changes the confidence, never the matrix."""
+    fixed, moving, points = bent_pair
+    results = {
+        misfit: procedure.NetRegistrar(model, misfit_px=misfit).register(fixed, moving)
+        for misfit in (1.0, 2.0, 1000.0)
+    }
+    assert all(r.fixed_from_moving.model == "affine" for r in results.values())
+    assert results[1000.0].confidence >= 0.5
+    assert results[2.0].confidence < 0.5
+    assert results[1.0].confidence < results[2.0].confidence
+    for r in results.values():
+        np.testing.assert_array_equal(
+            r.fixed_from_moving.matrix, results[1000.0].fixed_from_moving.matrix
+        )
+
+
+def test_an_unknown_transform_is_refused(model):
+    """A model other than affine or quadratic is a ValueError (Testing.py: exit 2, one line)."""
+    with pytest.raises(ValueError, match="transform must be affine or quadratic"):
+        procedure.NetRegistrar(model, transform="cubic")
+
+
+def test_a_fine_pass_returns_the_quadratic_it_fitted_and_did_not_take(model, retina, bent_pair):
+    """_fine_pass on a bent pair from the best affine: with transform affine it returns an affine
+    and, fourth, the quadratic that the same patches fit (for MISFIT_PX), close to the truth;
+    with transform quadratic it takes that quadratic itself and returns it fourth too (its own
+    misfit is nought)."""
+    fixed, moving, _ = bent_pair
+    truth = bending(BEND_PX)
+    pyramids = procedure.Pyramid(fixed.pixels), procedure.Pyramid(moving.pixels)
+    masks = []
+    for pyramid in pyramids:
+        view, view_from_image = pyramid.view(procedure.MASK_SIZE)
+        masks.append((fov_mask(view) > 0, view_from_image))
+    grid = np.stack(np.meshgrid(np.linspace(150, 618, 9), np.linspace(150, 618, 9)), -1)
+    grid = grid.reshape(-1, 2)
+    start, _ = fit_transform(grid, truth(grid))  # the best affine: 1 px off the truth here
+    affine = procedure.NetRegistrar(model)
+    t, agreement, moved, curved = affine._fine_pass(pyramids, masks, start, 384)
+    assert t.model == "affine" and curved is not None and curved.model == "quadratic"
+    assert np.abs(curved(grid) - truth(grid)).mean() < 0.5
+    assert np.abs(t(grid) - truth(grid)).mean() > 0.75
+    assert 0.0 <= agreement <= 1.0 and moved >= 0.0
+    quadratic = procedure.NetRegistrar(model, transform="quadratic")
+    taken, agreement, _, same = quadratic._fine_pass(pyramids, masks, start, 384)
+    assert taken.model == "quadratic" and same is taken and agreement >= 0.5
+    np.testing.assert_allclose(taken.matrix, curved.matrix)
+
+
+def test_misfit_is_the_mean_distance_where_both_fields_of_view_see_the_retina():
+    """_misfit: how far an estimate is from the quadratic (image pixels), averaged over the
+    overlap of both fields of view under the estimate only. Two 768 px images seen whole: a
+    constant 5 px apart is 5 px; moved 600 px apart, a difference of 1 % of the moving x is
+    about 0.8 px there (x from 0 to 168), not the 2.5 px it averages over the whole image."""
+    mask = np.ones((192, 192), bool), np.diag([0.25, 0.25, 1.0])
+    identity = Transform(np.eye(3))
+    shifted = Transform([[1, 0, 3, 0, 0, 0], [0, 1, 4, 0, 0, 0]])
+    assert procedure._misfit((mask, mask), identity, shifted) == pytest.approx(5.0)
+    apart = Transform([[1, 0, 600], [0, 1, 0]])
+    stretched = Transform([[1.01, 0, 600, 0, 0, 0], [0, 1, 0, 0, 0, 0]])
+    assert procedure._misfit((mask, mask), apart, stretched) == pytest.approx(0.8, abs=0.1)
+
+
+def test_patch_motions_give_a_quadratic_from_the_moving_points():
+    """_fit_patch_motions with source_from_patch: the quadratic from each patch's moving points
+    to where its motion takes them, whose residuals are ~0 when the motions are those of a
+    quadratic (its affine part misses by tens of pixels), and how far it moves each centre;
+    three None with too few patches for a quadratic."""
+    quadratic = Transform(
+        [[1.01, 0.02, 1.5, 2e-4, -1e-4, 1e-4], [-0.02, 0.99, -2.0, -1e-4, 2e-4, 1.5e-4]]
+    )
+    corners, local, _ = consistent_patches(0, 20)
+    centres = np.asarray(corners, np.float64) + 32
+    local[:, :2, 2] = quadratic(centres) - centres
+    source = np.array([translation(x, y) for x, y in corners])  # the moving points: the view's
+    fit, residual, moved = procedure._fit_patch_motions(local, corners, 64, "trimmed", None, source)
+    assert fit.model == "quadratic"
+    grid = np.stack(np.meshgrid(np.linspace(0, 384, 9), np.linspace(0, 384, 9)), -1)
+    grid = grid.reshape(-1, 2)
+    assert np.abs(fit(grid) - quadratic(grid)).max() < 1e-3  # float32 points
+    assert np.abs(Transform(quadratic.matrix[:, :3])(grid) - quadratic(grid)).max() > 10
+    assert residual.max() < 1e-3
+    np.testing.assert_allclose(moved, np.linalg.norm(local[:, :2, 2], axis=1), atol=1e-3)
+    _, affine_residual, _ = procedure._fit_patch_motions(local, corners, 64, "trimmed")
+    assert affine_residual.max() > 3  # an affine cannot fit the same motions
+    few = procedure._fit_patch_motions(local[:5], corners[:5], 64, "trimmed", None, source[:5])
+    assert few == (None, None, None)
+
+
+def test_patches_lie_in_both_fields_of_view_under_a_quadratic():
+    """_patch_corners with a quadratic estimate: every patch's corners and centre, carried back
+    by the quadratic's inverse, lie in the moving field of view; the corners found with its
+    affine part alone would put some outside it."""
+    bend = -5e-4  # x and y each pulled in by up to 73 px at the far edges of the 384 px image
+    t = Transform([[1, 0, 60, bend, 0, 0], [0, 1, -30, 0, 0, bend]])
+    corners = procedure._patch_corners(DISC_MASKS, t, np.eye(3), PATCH_VIEW, PATCH, 100)
+    assert len(corners) >= 20
+    assert not outside_both_fields_of_view(corners, t)
+    affine_part = Transform(t.matrix[:, :3])
+    only_affine = procedure._patch_corners(
+        DISC_MASKS, affine_part, np.eye(3), PATCH_VIEW, PATCH, 100
+    )
+    assert outside_both_fields_of_view(only_affine, t)
+
+
+def outside_both_fields_of_view(corners, t):
+    """The corners of patches with a probe (corners and centre) outside the fixed field of view
+    or, carried back by ``t.inverse``, outside the moving one (DISC_MASKS)."""
+    probes = np.array([[0, 0], [PATCH - 1, 0], [0, PATCH - 1], [PATCH - 1] * 2, [PATCH / 2] * 2])
+    outside = []
+    for corner in corners:
+        fixed = probes + corner
+        for points in (fixed, t.inverse(fixed)):
+            x, y = np.rint(points * 0.5).astype(int).T
+            inside = (x >= 0) & (x < 192) & (y >= 0) & (y < 192)
+            if not inside.all() or not DISC[y, x].all():
+                outside.append(tuple(corner))
+                break
+    return outside
+
+
+def test_a_dropped_finer_pass_keeps_the_misfit_that_the_kept_pass_measured(model, bent_pair):
+    """Where a finer pass is dropped (its patches agree with neither model: blur) and fits no
+    quadratic, the confidence stays capped by the quadratic of the pass kept before it: the
+    misfit measured there is not lost."""
+    fixed, moving, _ = bent_pair
+    confidences = []
+    for drop in (False, True):
+        registrar = procedure.NetRegistrar(model, misfit_px=2.0)
+        real = registrar._fine_pass
+
+        def fine_pass(pyramids, masks, t, size, real=real, drop=drop):
+            out = real(pyramids, masks, t, size)
+            return (out[0], 0.2, out[2], None) if drop and size == 768 else out
+
+        registrar._fine_pass = fine_pass
+        confidences.append(registrar.register(fixed, moving).confidence)
+    assert confidences[0] < 0.5 and confidences[1] < 0.5, confidences

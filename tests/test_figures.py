@@ -16,7 +16,15 @@ import pytest
 from skimage.data import retina
 
 import Testing
-from common import Registration, apply_affine, equalise, read_image, translation
+from common import (
+    Registration,
+    Transform,
+    apply_affine,
+    equalise,
+    read_image,
+    scale_matrix,
+    translation,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -72,7 +80,7 @@ def test_single_pair_writes_checkerboard_and_prints_one_line(pair, tmp_path):
     lines = run("--fixed", fixed_path, "--moving", moving_path, "--method", "net", "--out", out)
     assert len(lines) == 1, lines
     names = ["result.json", "warped.png", "overlay.png", "checkerboard.png"]
-    assert lines[0].startswith("fixed_from_moving [[") and " ms -> " in lines[0], lines[0]
+    assert lines[0].startswith("fixed_from_moving (affine) [[") and " ms -> " in lines[0], lines[0]
     assert lines[0].endswith(f"{out.as_posix()}/: {', '.join(names)}"), lines[0]
     assert all((out / name).is_file() for name in names)
     board = cv2.imread(str(out / "checkerboard.png"), cv2.IMREAD_UNCHANGED)
@@ -116,3 +124,55 @@ def test_batch_ends_by_naming_every_folder_and_file(pair, tmp_path):
     assert "figures/ (1 pair)" in files[0] and "comparison.md" in files[2]
     figure = cv2.imread(str(out / "sift" / "figures" / "S01.png"))
     assert figure.shape[:2] == (848, 1200)
+
+
+@pytest.fixture(scope="module")
+def bent_pair(tmp_path_factory):
+    """(fixed.png 512 x 512, moving.png 2400 x 2250, fixed_from_moving: a quadratic Transform in
+    the files' pixels). The moving file is the fixed image bent by a quadratic (its edges by about
+    6 px: moving pixel p shows fixed at bend(p), sampled there by cv2.remap), cut to 480 columns
+    and enlarged 4.6875 times: read_image decodes it at half size, so the quadratic result goes
+    through the decoded frames of both files."""
+    root = tmp_path_factory.mktemp("bent")
+    fixed = cv2.resize(cv2.cvtColor(retina(), cv2.COLOR_RGB2BGR), (512, 512), cv2.INTER_AREA)
+    c = 511 / 2
+    unit_from_pixel = np.array([[1 / c, 0, -1], [0, 1 / c, -1], [0, 0, 1]])  # edges at +-1
+    b = 6.0 / c
+    unit = [[1.02, 0.05, 10 / c, b, 0.5 * b, -0.5 * b], [-0.05, 1.02, -8 / c, 0.3 * b, -0.4 * b, b]]
+    bend = Transform(unit).compose(np.linalg.inv(unit_from_pixel), unit_from_pixel)
+    ys, xs = np.mgrid[0:512, 0:480]
+    where = bend(np.stack([xs.ravel(), ys.ravel()], 1)).astype(np.float32).reshape(512, 480, 2)
+    small = cv2.remap(fixed, where[..., 0], where[..., 1], cv2.INTER_LINEAR)
+    moving = cv2.resize(small, (2250, 2400), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(root / "fixed.png"), fixed)
+    cv2.imwrite(str(root / "moving.png"), moving)
+    return root / "fixed.png", root / "moving.png", bend.compose(right=scale_matrix(480 / 2250))
+
+
+def test_single_pair_with_transform_quadratic_writes_a_2x6_matrix(bent_pair, tmp_path):
+    """--transform quadratic on one pair: result.json says "quadratic" and holds a 2x6
+    fixed_from_moving in the files' pixels, close to the bend (measured: 0.05 px, the affine
+    2 px); the printed line names the model and shows the matrix (its bending columns to 4
+    significant digits); warped.png has the fixed image's shape and lies on it."""
+    fixed_path, moving_path, truth = bent_pair
+    out = tmp_path / "out"
+    lines = run("--fixed", fixed_path, "--moving", moving_path, "--method", "net",
+                "--transform", "quadratic", "--out", out)  # fmt: skip
+    assert len(lines) == 1 and lines[0].startswith("fixed_from_moving (quadratic) [["), lines
+    result = json.loads((out / "result.json").read_text())
+    assert result["transform"] == "quadratic" and "x*x" in result["convention"]
+    m = np.array(result["fixed_from_moving"])
+    assert m.shape == (2, 6)
+    grid = np.stack(np.meshgrid(np.linspace(300, 2000, 7), np.linspace(300, 2100, 7)), -1)
+    grid = grid.reshape(-1, 2)
+    error = np.linalg.norm(Transform(m)(grid) - truth(grid), axis=1)
+    assert error.mean() < 0.5 and error.max() < 1.0, error
+    printed = np.array(json.loads(lines[0].split(") ", 1)[1].split("; ")[0]))
+    np.testing.assert_allclose(printed[:, :3], m[:, :3], rtol=0, atol=5e-5 + 1e-12)
+    np.testing.assert_allclose(printed[:, 3:], m[:, 3:], rtol=5e-4 + 1e-9, atol=0)
+    fixed = read_image(fixed_path).pixels
+    warped = cv2.imread(str(out / "warped.png"), cv2.IMREAD_UNCHANGED)
+    assert warped.shape == fixed.shape == (512, 512)
+    both = (warped > 20) & (fixed > 20)
+    assert both.mean() > 0.5
+    assert np.abs(warped.astype(np.float64) - fixed)[both].mean() < 1.5  # measured 0.6 (affine 3.7)

@@ -459,6 +459,59 @@ def test_testing_resume_redoes_rows_made_with_other_settings(tmp_path):
     assert another.returncode == 0 and "redone" in another.stdout
 
 
+MATRIX = [f"m{i}{j}" for i in range(2) for j in range(6)]
+QUADRATIC_ONLY = [f"m{i}{j}" for i in range(2) for j in range(3, 6)]
+
+
+def test_testing_batch_with_transform_quadratic_and_resume_with_the_other(tmp_path):
+    """--transform quadratic: per_pair.csv has a transform column and a 2x6 matrix (the affine's
+    rows leave m03-m05 and m13-m15 empty); the net's rows are quadratics (a pair whose patches
+    do not hold one keeps the affine), every cell of a quadratic is filled, and each row's matrix
+    gives its error_px. settings.json records the transform, and a rerun with the other
+    --transform redoes the rows (RESUME), saying they were made with other settings."""
+    from common import Transform, read_fire
+
+    out = tmp_path / "out"
+    args = ["--data", "data/sample", "--out", out, "--figures", "false"]
+    proc = run("Testing.py", *args, "--method", "net,sift", "--transform", "quadratic")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    points = {p.pair: p.points for p in read_fire(ROOT / "data" / "sample")}
+    for method in ("net", "sift"):
+        with open(out / method / "per_pair.csv", newline="") as f:
+            assert next(csv.reader(f)) == [
+                "pair", "category", "error_px", "seconds", "transform", *MATRIX,
+                "confidence", "inaccurate", "reason",
+            ]  # fmt: skip
+        rows = read_csv(out / method / "per_pair.csv")
+        assert sorted(rows) == sorted(points)
+        assert json.loads((out / method / "settings.json").read_text())["transform"] == "quadratic"
+        registered = [r for r in rows.values() if r["reason"] == ""]
+        quadratic = [r for r in registered if r["transform"] == "quadratic"]
+        assert all(r["transform"] in ("affine", "quadratic") for r in registered), rows
+        assert len(quadratic) >= len(rows) - 2, rows  # measured: 5 of 6 for both
+        for r in registered:
+            columns = MATRIX if r["transform"] == "quadratic" else MATRIX[:3] + MATRIX[6:9]
+            assert all(r[c] != "" for c in columns), r
+            assert r["transform"] == "quadratic" or all(r[c] == "" for c in QUADRATIC_ONLY), r
+            m = np.array([float(r[c]) for c in columns]).reshape(2, -1)
+            error = fire_error(Transform(m), points[r["pair"]])
+            assert error == pytest.approx(float(r["error_px"]), abs=1e-3), r
+    net = read_csv(out / "net" / "per_pair.csv")
+    assert all(r["reason"] == "" for r in net.values())
+    assert all(float(r["error_px"]) < 3.0 for r in net.values()), net
+    # one method alone writes into --out itself: the folder that the sift rows above are in
+    again = run("Testing.py", "--data", "data/sample", "--out", out / "sift", "--figures", "false",
+                "--method", "sift", "--transform", "affine")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "made with other settings" in again.stdout and "redone" in again.stdout, again.stdout
+    rows = read_csv(out / "sift" / "per_pair.csv")
+    assert sorted(rows) == sorted(points)
+    for r in rows.values():
+        assert r["transform"] in ("affine", "") and all(r[c] == "" for c in QUADRATIC_ONLY), r
+    assert sum(r["transform"] == "affine" for r in rows.values()) >= 5
+    assert json.loads((out / "sift" / "settings.json").read_text())["transform"] == "affine"
+
+
 def test_testing_runs_the_methods_pair_by_pair_in_turn_and_resumes_each(tmp_path, monkeypatch):
     """Several methods register each pair in turn, the first rotating from pair to pair (a busy
     moment of the machine slows them all alike), every pair's images read once; rows a method
@@ -708,10 +761,11 @@ def test_same_pair_same_model_gives_the_identical_matrix(images, model_path):
         read_image(files["fixed.jpg"]), read_image(files["moving.jpg"])
     )
     assert first.fixed_from_moving is not None
-    np.testing.assert_array_equal(first.fixed_from_moving, again.fixed_from_moving)
+    assert first.fixed_from_moving.model == again.fixed_from_moving.model
+    np.testing.assert_array_equal(first.fixed_from_moving.matrix, again.fixed_from_moving.matrix)
     assert first.confidence == again.confidence
     sift = [register_sift(fixed, moving).fixed_from_moving for _ in range(2)]
-    np.testing.assert_array_equal(sift[0], sift[1])
+    np.testing.assert_array_equal(sift[0].matrix, sift[1].matrix)
 
 
 def test_cli_single_pair_matches_the_batch_row(batch, images, model_path, tmp_path):
@@ -892,6 +946,17 @@ def test_no_tensorflow_notice_on_stderr_where_onednn_is_on(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert "fixed_from_moving" in proc.stdout
+
+
+def test_an_unknown_transform_is_one_line_for_every_method(tmp_path):
+    """--transform takes affine or quadratic: anything else is refused before any work, in one
+    line, whichever method is asked (the classical ones would otherwise fit an affine)."""
+    images = ROOT / "data" / "sample" / "Images"
+    for method in ("sift", "net"):
+        proc = run("Testing.py", "--fixed", images / "S01_1.jpg", "--moving", images / "S01_2.jpg",
+                   "--method", method, "--transform", "cubic", "--out", tmp_path)  # fmt: skip
+        assert_input_error(proc, "--transform", "affine or quadratic")
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
 
 
 def test_quiet_native_log_holds_only_the_notices(capfd, monkeypatch):
