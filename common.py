@@ -390,13 +390,13 @@ class Transform:
         p[~(np.abs(self(p) - q) <= 10 * tolerance).all(axis=1)] = np.nan  # did not converge
         return p
 
-    def local_inverse(self, points):
+    def local_inverse(self, points, tolerance=1e-4):
         """(N, 3, 3): at each fixed point q, the affine that maps fixed points near q to moving
         ones, exact at q (the inverse's first-order expansion there); an affine's own inverse."""
         if self.model == "affine":
             return np.broadcast_to(np.linalg.inv(to3x3(self.matrix)), (len(points), 3, 3)).copy()
         q = np.asarray(points, np.float64).reshape(-1, 2)
-        p = self.inverse(q)
+        p = self.inverse(q, tolerance)
         inv = np.linalg.inv(self.jacobian(p))
         local = np.zeros((len(q), 3, 3))
         local[:, :2, :2], local[:, 2, 2] = inv, 1.0
@@ -489,7 +489,8 @@ def fit_transform(src, dst, model="affine", weights=None):
     fit = Transform(solution.T).compose(right=norm_from_src)
     if not np.isfinite(fit.matrix).all():
         raise ValueError("points do not define a quadratic transform")
-    return fit, np.linalg.norm(fit(src) - dst, axis=1)
+    miss = np.stack([x, y, np.ones_like(x), x * x, x * y, y * y], 1) @ solution - dst
+    return fit, np.sqrt(np.add.reduce(miss * miss, axis=1))
 
 
 def local_from_global(fixed_from_moving, left, top):

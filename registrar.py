@@ -296,7 +296,7 @@ class NetRegistrar:
             if not stopped and self._finer:
                 t, _, _, bend = self._fine(fine, t, self._finer)
                 curved = curved if bend is None else bend
-            if curved is not None:  # the confidence of a model that misses by MISFIT_PX
+            if curved is not None and curved is not t:  # a model that misses by MISFIT_PX
                 misses = _misfit(masks, t, curved) / fixed.decoded_from_file[0, 0] / self.misfit_px
                 confidence = confidence if misses <= 1 else min(confidence, 0.5 / misses)
         t = t.compose(np.linalg.inv(fixed.decoded_from_file), moving.decoded_from_file)
@@ -399,7 +399,7 @@ class NetRegistrar:
             moving_from_patch = np.linalg.inv(to3x3(t.matrix)) @ image_from_patch
         else:  # the inverse's first-order expansion at each patch's centre (module docstring)
             centres = image_from_patch[:, :2] @ [p / 2, p / 2, 1.0]
-            moving_from_patch = t.local_inverse(centres) @ image_from_patch
+            moving_from_patch = t.local_inverse(centres, tolerance=0.01) @ image_from_patch
         fixed_patches = pyramids[0].patches(image_from_patch, p)
         moving_patches = pyramids[1].patches(moving_from_patch, p)
         weights = None
@@ -517,23 +517,29 @@ def _corners_inside(masks, t, image_from_view, grid, count):
     moving one's under ``t``, a Transform fixed_from_moving in image pixels)."""
     (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
     corners, points, outward = grid
-    inside = np.ones(len(corners), bool)
+    fixed_from_view = fixed_from @ image_from_view
+    inside = _in_mask(fixed_mask, points @ fixed_from_view[:2, :2].T + fixed_from_view[:2, 2])
+    points = points[inside]  # only these need mapping into the moving image
     if t.model == "affine":  # one matrix from view to moving mask, as for the fixed one
         moving_from_view = moving_from @ np.linalg.inv(to3x3(t.matrix)) @ image_from_view
         moving_points = points @ moving_from_view[:2, :2].T + moving_from_view[:2, 2]
     else:  # the fixed image points mapped back by the transform's inverse
         image_points = points.reshape(-1, 2) @ image_from_view[:2, :2].T + image_from_view[:2, 2]
-        moving_points = apply_affine(moving_from, t.inverse(image_points)).reshape(points.shape)
-    fixed_from_view = fixed_from @ image_from_view
-    fixed_points = points @ fixed_from_view[:2, :2].T + fixed_from_view[:2, 2]
-    for mask, mask_points in ((fixed_mask, fixed_points), (moving_mask, moving_points)):
-        xy = np.rint(np.nan_to_num(mask_points, nan=-1.0)).astype(int)
-        x, y = xy[..., 0], xy[..., 1]
-        h, w = mask.shape
-        ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-        ok[ok] = mask[y[ok], x[ok]]
-        inside &= ok.all(axis=1)
+        moving = t.inverse(image_points, tolerance=0.01)  # a mask pixel is several image pixels
+        moving_points = apply_affine(moving_from, moving).reshape(points.shape)
+    inside[inside] = _in_mask(moving_mask, moving_points)
     return corners[inside][np.argsort(outward[inside])[::-1][:count]]  # best leverage first
+
+
+def _in_mask(mask, points):
+    """(N,) whether all of each candidate's (N, K, 2) points (mask pixels; NaN: nowhere) fall on
+    the mask."""
+    xy = np.rint(np.nan_to_num(points, nan=-1.0)).astype(int)
+    x, y = xy[..., 0], xy[..., 1]
+    h, w = mask.shape
+    ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    ok[ok] = mask[y[ok], x[ok]]
+    return ok.all(axis=1)
 
 
 @functools.cache
