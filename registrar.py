@@ -189,7 +189,6 @@ class NetRegistrar:
         self.jitter, self._jitter_rng = jitter, np.random.default_rng(jitter_seed)
         self.transform, self.quadratic_patches = transform, quadratic_patches
         self.misfit_px = misfit_px
-        self._quadratic = transform == "quadratic"
         # starts for a low-confidence retry: the moving view shifted by retry_shift of its side
         # in 8 directions, then turned by +-retry_rotation about its centre, then both, which
         # puts a larger motion back within the network's training range
@@ -426,7 +425,10 @@ class NetRegistrar:
             fitted = 0.0 if fit is None else self._agreement(residual, len(corners), 6)
             if fitted >= self.retry_below:  # the patches agree with it (else it fits noise)
                 curved = fit.compose(left=image_from_view, right=pre)
-                if self._quadratic and np.count_nonzero(residual <= self.agree_px) >= agree:
+                if (
+                    self.transform == "quadratic"
+                    and np.count_nonzero(residual <= self.agree_px) >= agree
+                ):
                     return curved, fitted, float(shifts.max() / p), curved  # (no misfit)
         return refined, agreement, float(moved.max() / p), curved
 

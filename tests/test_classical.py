@@ -1,12 +1,13 @@
 """Classical baselines on a known affine: skimage's retina photograph moved and seen through a
 circular aperture, as a fundus camera would. No files are read or written."""
 
+import bends
 import cv2
 import numpy as np
 import pytest
 
 import classical
-from common import GreyImage, Transform, as_transform, scale_matrix, to3x3
+from common import GreyImage, as_transform, scale_matrix, to3x3
 
 SIDE = 768
 BOUND_PX = {"sift": 1.0, "orb": 1.0, "ecc": 1.0}  # mean grid-point error allowed (px); ~0.2 seen
@@ -58,18 +59,9 @@ def grid_error(estimate, truth):
     return float(np.linalg.norm(estimate(points) - truth(points), axis=1).mean())
 
 
-def bending(bend_px, degrees=3.0, scale=1.02, shift=(15.0, -10.0)):
-    """A quadratic fixed_from_moving (a Transform, pixels): a rotation, scale and shift about the
-    image centre, bent by quadratic terms that move the image's edges by about ``bend_px`` (in
-    coordinates u with the centre at 0 and the edges at +-1, each term is bend_px * u * u)."""
-    c = (SIDE - 1) / 2
-    unit_from_pixel = np.array([[1 / c, 0, -1], [0, 1 / c, -1], [0, 0, 1]])
-    b = bend_px / c
-    m = np.zeros((2, 6))
-    m[:, :2] = cv2.getRotationMatrix2D((0, 0), degrees, scale)[:, :2]
-    m[:, 2] = np.array(shift) / c
-    m[:, 3:] = [[b, 0.5 * b, -0.5 * b], [0.3 * b, -0.4 * b, b]]
-    return Transform(m).compose(np.linalg.inv(unit_from_pixel), unit_from_pixel)
+def bending(bend_px, **motion):
+    """bends.bending for this file's SIDE."""
+    return bends.bending(SIDE, bend_px, **motion)
 
 
 def bent(base, fixed_from_moving):

@@ -1,5 +1,6 @@
 """The network's confidence is low exactly when its result is bad, and a wrong guess is retried."""
 
+import bends
 import cv2
 import numpy as np
 import pytest
@@ -398,18 +399,9 @@ def test_the_retry_starts_are_shifted_turned_and_both(model, retina, monkeypatch
 # transform quadratic: the curved retina, and the confidence of an affine that cannot bend
 
 
-def bending(bend_px, degrees=3.0, scale=1.02, shift=(15.0, -10.0)):
-    """A quadratic fixed_from_moving (a Transform, pixels): a rotation, scale and shift about the
-    image centre, bent by quadratic terms that move the image's edges by about ``bend_px`` (in
-    coordinates u with the centre at 0 and the edges at +-1, each term is bend_px * u * u)."""
-    c = (SIDE - 1) / 2
-    unit_from_pixel = np.array([[1 / c, 0, -1], [0, 1 / c, -1], [0, 0, 1]])
-    b = bend_px / c
-    m = np.zeros((2, 6))
-    m[:, :2] = cv2.getRotationMatrix2D((0, 0), degrees, scale)[:, :2]
-    m[:, 2] = np.array(shift) / c
-    m[:, 3:] = [[b, 0.5 * b, -0.5 * b], [0.3 * b, -0.4 * b, b]]
-    return Transform(m).compose(np.linalg.inv(unit_from_pixel), unit_from_pixel)
+def bending(bend_px, **motion):
+    """bends.bending for this file's SIDE."""
+    return bends.bending(SIDE, bend_px, **motion)
 
 
 def bent(fixed, fixed_from_moving):
