@@ -247,6 +247,7 @@ def main(args):
     train, size = make_dataset(args.DATA, shards["train"], args.BATCH_SIZE, args.SEED, True)
     val, _ = make_dataset(args.DATA, shards["val"], args.BATCH_SIZE, args.SEED, False)
     n_train = sum(s["count"] for s in shards["train"])
+    n_val = sum(s["count"] for s in shards["val"])
     steps = args.STEPS_PER_EPOCH or max(1, n_train // args.BATCH_SIZE)
     run = Path(args.RUN_DIR)
     run.mkdir(parents=True, exist_ok=True)
@@ -300,7 +301,11 @@ def main(args):
         train.repeat(),
         epochs=args.EPOCHS,
         steps_per_epoch=steps,
-        validation_data=val,
+        # the validation batches, one pass an epoch: counted, so that Keras does not warn that
+        # the data ran out at the end of each pass (it does for a dataset of unknown length)
+        validation_data=val.repeat(),
+        validation_steps=-(-n_val // args.BATCH_SIZE),
+        shuffle=False,  # tf.data shuffles (make_dataset); Keras warns that it cannot
         callbacks=callbacks,
         verbose=1 if sys.stdout.isatty() else 2,
     )
