@@ -959,6 +959,21 @@ def test_an_unknown_transform_is_one_line_for_every_method(tmp_path):
         assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
 
 
+def test_a_training_run_writes_nothing_on_stderr(tmp_path):
+    """The trainer, in a user's shell where oneDNN is on (forced here, as on Intel CPUs with
+    AVX-512): neither TensorFlow's start-up notices nor Keras' warnings (a validation set that
+    "ran out of data" after each epoch, a shuffle it cannot do) reach stderr."""
+    data = write_tiny_shards(tmp_path / "data")
+    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = run("NetworkTrainer.py", "--data", data, "--out", tmp_path / "m.keras", "--run-dir",
+               tmp_path / "run", "--net-widths", "8,8,8,8,8", "--net-head-width", "16",
+               "--batch-size", "8", "--epochs", "2", "--steps-per-epoch", "3", "--threads", "1",
+               env={**env, "TF_ENABLE_ONEDNN_OPTS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    assert "saved" in proc.stdout
+
+
 def test_quiet_native_log_holds_only_the_notices(capfd, monkeypatch):
     """What native code writes on file descriptor 2 comes out after the block, less the notices
     below TF_CPP_MIN_LOG_LEVEL: an error line, and Python's own output, are kept."""
