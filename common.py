@@ -434,13 +434,14 @@ class Transform:
             )  # fmt: skip
         )
 
-    def warp(self, moving, shape):
+    def warp(self, moving, shape, interpolation=cv2.INTER_LINEAR):
         """The moving image (H', W') laid over the fixed one, of ``shape`` (H, W): pixel p of the
         output shows moving at ``inverse(p)`` (this transform maps moving pixels to fixed ones in
-        the images' own pixels; compose it with their frames first). Outside moving: 0."""
+        the images' own pixels; compose it with their frames first), sampled by OpenCV's
+        ``interpolation``. Outside moving: 0."""
         h, w = shape[:2]
         if self.model == "affine":
-            return cv2.warpAffine(moving, self.matrix, (w, h))
+            return cv2.warpAffine(moving, self.matrix, (w, h), flags=interpolation)
         # the inverse on every 8th pixel, interpolated bilinearly in between (by cv2.remap itself:
         # node k of the coarse map is pixel 8 k), within 1e-3 px of the inverse at every pixel
         step = 8
@@ -451,7 +452,7 @@ class Transform:
         grid_y = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None] / step, (h, w))
         where = cv2.remap(nodes, np.ascontiguousarray(grid_x), np.ascontiguousarray(grid_y),
                           cv2.INTER_LINEAR)  # fmt: skip
-        return cv2.remap(moving, where[..., 0], where[..., 1], cv2.INTER_LINEAR)
+        return cv2.remap(moving, where[..., 0], where[..., 1], interpolation)
 
 
 def as_transform(t):

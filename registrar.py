@@ -445,10 +445,8 @@ def _misfit(masks, t, curved):
     """How far ``t`` is from ``curved`` (Transforms fixed_from_moving, image pixels), on average
     over where both fields of view see the retina under ``t``: the error that a model which
     cannot bend leaves where the retina does (image pixels)."""
-    (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
-    on_mask = t.compose(fixed_from, np.linalg.inv(moving_from))
-    both = fixed_mask & (on_mask.warp(moving_mask.astype(np.uint8), fixed_mask.shape) > 0)
-    ys, xs = np.nonzero(both[::2, ::2])  # every other mask pixel: plenty for a mean
+    (_, fixed_from), _ = masks
+    ys, xs = np.nonzero(_overlap(masks, t)[::2, ::2])  # every other mask pixel: plenty for a mean
     if len(xs) == 0:
         return 0.0
     points = apply_affine(np.linalg.inv(fixed_from), np.stack([xs, ys], 1) * 2.0)
@@ -459,14 +457,21 @@ def _misfit(masks, t, curved):
 def _overlap_centre(masks, a):
     """Centroid (fixed image pixels) of where both fields of view see the retina under ``a``
     (fixed_from_moving, image pixels); None without overlap."""
-    (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
-    m = fixed_from @ a @ np.linalg.inv(moving_from)
-    warped = cv2.warpAffine(moving_mask.astype(np.uint8), m[:2], fixed_mask.shape[::-1],
-                            flags=cv2.INTER_NEAREST)  # fmt: skip
-    ys, xs = np.nonzero(warped & fixed_mask)
+    (_, fixed_from), _ = masks
+    ys, xs = np.nonzero(_overlap(masks, Transform(a), cv2.INTER_NEAREST))
     if len(xs) == 0:
         return None
     return (np.linalg.inv(fixed_from) @ [xs.mean(), ys.mean(), 1.0])[:2]
+
+
+def _overlap(masks, t, interpolation=cv2.INTER_LINEAR):
+    """The fixed mask's pixels (bool, its shape) where both fields of view see the retina under
+    ``t`` (a Transform fixed_from_moving, image pixels): the moving mask laid over the fixed one."""
+    (fixed_mask, fixed_from), (moving_mask, moving_from) = masks
+    on_mask = t.compose(fixed_from, np.linalg.inv(moving_from))
+    return fixed_mask & (
+        on_mask.warp(moving_mask.astype(np.uint8), fixed_mask.shape, interpolation) > 0
+    )
 
 
 def _flatten(patches):
